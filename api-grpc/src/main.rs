@@ -1,0 +1,122 @@
+//! api-grpc: the task service over gRPC, with health and reflection, plus ops over HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use platform::config::CommonArgs;
+use platform::db::{Command, DatabaseArgs};
+use platform::kafka::KafkaArgs;
+use platform::ops::Readiness;
+use tonic_health::ServingStatus;
+
+mod migrations {
+    refinery::embed_migrations!("../sql/grpc");
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "api-grpc",
+    version,
+    about = "Kafkify's task service over gRPC; writes tasks and their outbox events."
+)]
+struct Config {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Address of the gRPC server.
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:9090")]
+    grpc_addr: SocketAddr,
+
+    /// Address of the /health, /ready and /metrics endpoints.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8090")]
+    http_addr: SocketAddr,
+
+    #[command(flatten)]
+    db: DatabaseArgs,
+
+    #[command(flatten)]
+    kafka: KafkaArgs,
+
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// How often gRPC health follows the readiness checks.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config: Config = platform::config::load();
+    platform::telemetry::init(&config.common)?;
+    if config.command == Some(Command::Migrate) {
+        return platform::db::migrate_command(
+            &config.db.database_url,
+            migrations::migrations::runner(),
+        )
+        .await;
+    }
+    let shutdown = platform::shutdown::token();
+
+    let registry = Arc::new(platform::metrics::registry("api-grpc"));
+    let pool = platform::db::pool(&config.db)?;
+    let readiness = Readiness::new()
+        .check("database", platform::db::probe(&pool))
+        .check(
+            "kafka",
+            config.kafka.probe("api-grpc").map_err(anyhow::Error::msg)?,
+        );
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+
+    // gRPC clients and load balancers see the same verdict as /ready.
+    let health_loop = {
+        let readiness = readiness.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        let (ok, _) = readiness.run().await;
+                        let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+                        reporter.set_service_status("", status).await;
+                    }
+                }
+            }
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+        })
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("GRPC_ADDR {}: cannot listen", config.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+
+    let router = platform::ops::router(registry, readiness);
+    let (http_addr, ops) = platform::ops::bind(config.http_addr, router, shutdown).await?;
+    tracing::info!(%grpc_addr, %http_addr, database = %config.db.database_url, "api-grpc listening");
+
+    let (grpc, ops) = tokio::join!(grpc, ops);
+    grpc.context("gRPC server failed")?;
+    ops.context("ops server failed")?;
+    let _ = health_loop.await;
+    tracing::info!("api-grpc stopped");
+    Ok(())
+}

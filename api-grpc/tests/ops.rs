@@ -1,0 +1,73 @@
+//! api-grpc against the real stack: gRPC health and reflection, ops endpoints, SIGTERM.
+
+use std::time::Duration;
+
+use test_support::service::{check_bad_setting, check_ops_contract, free_port, Service};
+use test_support::{stack, Source, TestDb};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_api-grpc");
+
+fn env(db: &TestDb, grpc_port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db.owner_dsn()),
+        ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+        ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
+    ]
+}
+
+#[tokio::test]
+async fn serves_ops_endpoints_and_stops_on_sigterm() {
+    let db = TestDb::create(Source::Grpc).await;
+    check_ops_contract(BIN, &env(&db, free_port()), "kafkify_api_grpc").await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn grpc_health_follows_readiness() {
+    let db = TestDb::create(Source::Grpc).await;
+    let port = free_port();
+    let mut service = Service::spawn(BIN, &env(&db, port));
+    service
+        .wait_for("/ready", 200, Duration::from_secs(30))
+        .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("gRPC port answers");
+    let mut health = HealthClient::new(channel);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == ServingStatus::Serving as i32 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {status} after 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(service);
+    db.cleanup().await;
+}
+
+#[test]
+fn a_bad_setting_stops_start_up_naming_it() {
+    let url = "postgres://u:p@127.0.0.1/grpc".to_string();
+    check_bad_setting(
+        BIN,
+        &[("DATABASE_URL", url), ("GRPC_ADDR", "9090".into())],
+        "GRPC_ADDR",
+    );
+}

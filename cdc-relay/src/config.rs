@@ -1,0 +1,180 @@
+//! cdc-relay's settings: environment variables, overridable by flags.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use platform::config::CommonArgs;
+use platform::db::PgUrl;
+use platform::kafka::KafkaArgs;
+use platform::registry::RegistryArgs;
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "cdc-relay",
+    version,
+    about = "Tails the outbox tables through logical replication and publishes every committed event to Kafka as Avro."
+)]
+pub struct Config {
+    /// Address of the /health, /ready and /metrics endpoints.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8091")]
+    pub http_addr: SocketAddr,
+
+    /// Connection for the relay's role (which has REPLICATION); the database part is replaced by
+    /// each source's database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: PgUrl,
+
+    /// Source databases to stream, comma-separated; each gets its own slot.
+    #[arg(
+        long,
+        env = "RELAY_SOURCES",
+        default_value = "rest,grpc,worker",
+        value_delimiter = ','
+    )]
+    pub sources: Vec<Identifier>,
+
+    /// Publication of the outbox inserts, present in every source database.
+    #[arg(long, env = "RELAY_PUBLICATION", default_value = "kafkify_outbox")]
+    pub publication: Identifier,
+
+    /// Slot name prefix; the slot of source `rest` is `<prefix>rest`.
+    #[arg(long, env = "RELAY_SLOT_PREFIX", default_value = "kafkify_")]
+    pub slot_prefix: Identifier,
+
+    /// Delivery guarantee into Kafka.
+    #[arg(
+        long,
+        env = "RELAY_DELIVERY",
+        value_enum,
+        default_value = "exactly-once"
+    )]
+    pub delivery: Delivery,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Delivery {
+    /// Transactional producer per source, checkpoint in the same Kafka transaction.
+    ExactlyOnce,
+    /// Idempotent producer, no transactions: a crash may repeat events.
+    AtLeastOnce,
+}
+
+/// A Postgres name we splice into replication commands, so it is held to `[a-z0-9_]{1,63}`:
+/// `START_REPLICATION` takes the slot name unquoted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identifier(pub String);
+
+impl FromStr for Identifier {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if ok {
+            Ok(Identifier(s.to_string()))
+        } else {
+            Err(format!("`{s}` must be 1–63 characters of a-z, 0-9 and _"))
+        }
+    }
+}
+
+impl Config {
+    /// Slot names must fit the same rule once prefixed.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.sources.is_empty() {
+            return Err("RELAY_SOURCES: name at least one source database".into());
+        }
+        for source in &self.sources {
+            let slot = format!("{}{}", self.slot_prefix.0, source.0);
+            if slot.len() > 63 {
+                return Err(format!(
+                    "RELAY_SLOT_PREFIX: slot name `{slot}` for source `{}` is longer than 63 characters",
+                    source.0
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = self.sources.iter().find(|s| !seen.insert(&s.0)) {
+            return Err(format!("RELAY_SOURCES: `{}` is listed twice", dup.0));
+        }
+        Ok(())
+    }
+
+    /// The relay role's connection to one source database.
+    pub fn source_url(&self, source: &Identifier) -> PgUrl {
+        let mut config = self.database_url.config.clone();
+        config.dbname(&source.0);
+        PgUrl { config }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let mut full = vec![
+            "cdc-relay",
+            "--database-url",
+            "postgres://relay:pw@127.0.0.1/postgres",
+        ];
+        full.extend_from_slice(args);
+        Config::try_parse_from(full)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            c.sources.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            ["rest", "grpc", "worker"]
+        );
+        assert_eq!(c.delivery, Delivery::ExactlyOnce);
+        assert_eq!(c.http_addr.port(), 8091);
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.source_url(&c.sources[1]).to_string(),
+            "postgres://relay@127.0.0.1:5432/grpc"
+        );
+    }
+
+    #[test]
+    fn slot_names_are_held_to_safe_identifiers() {
+        let err = parse(&["--sources", "rest,Grpc"]).unwrap_err();
+        assert!(platform::config::describe::<Config>(&err)
+            .contains("(environment variable RELAY_SOURCES)"));
+        assert!(parse(&["--slot-prefix", "x; DROP"]).is_err());
+        assert!(parse(&["--sources", "rest,rest"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .contains("twice"));
+        let long = "p".repeat(60);
+        assert!(parse(&["--slot-prefix", &long])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .starts_with("RELAY_SLOT_PREFIX"));
+    }
+
+    #[test]
+    fn delivery_switch() {
+        assert_eq!(
+            parse(&["--delivery", "at-least-once"]).unwrap().delivery,
+            Delivery::AtLeastOnce
+        );
+        assert!(parse(&["--delivery", "maybe"]).is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! The private Postgres streams a committed outbox insert over logical replication with
+//! pgoutput, to the relay's role, through the publication the migrations create.
+
+use std::time::Duration;
+
+use pgwire_replication::client::ReplicationEvent;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, TlsConfig};
+use test_support::{stack, unique, Source, TestDb};
+
+#[tokio::test]
+async fn a_committed_outbox_insert_streams_with_pgoutput() {
+    let db = TestDb::create(Source::Rest).await;
+    let slot = unique("t_slot");
+    let relay = platform::db::connect(&db.relay_url())
+        .await
+        .expect("relay role connects");
+    relay
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .expect("the relay's role may create a slot");
+
+    let owner = db.owner().await;
+    // An aborted transaction first: it must not reach the stream.
+    owner.batch_execute(
+        "BEGIN;
+         INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+         VALUES ('00000000-0000-0000-0000-0000000000ab', 'resource', 'r-aborted', 'resource.created', '{}');
+         ROLLBACK;",
+    )
+    .await
+    .unwrap();
+    let id = uuid::Uuid::new_v4();
+    owner
+        .execute(
+            "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+             VALUES ($1, 'resource', 'r-1', 'resource.created', '{\"k\": 1}')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+
+    let s = stack();
+    let config = ReplicationConfig::new(
+        "127.0.0.1",
+        "kafkify_relay",
+        s.password("relay"),
+        db.name.clone(),
+        slot.clone(),
+        "kafkify_outbox",
+    )
+    .with_port(s.pg_port)
+    .with_tls(TlsConfig::disabled())
+    .with_start_lsn(Lsn(0));
+    let mut repl = ReplicationClient::connect(config)
+        .await
+        .expect("replication connection");
+
+    let mut messages: Vec<u8> = Vec::new(); // first byte of every pgoutput message
+    let mut data = Vec::new();
+    let commit = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match repl.recv().await.expect("stream") {
+                Some(ReplicationEvent::XLogData { data: bytes, .. }) => {
+                    messages.push(bytes[0]);
+                    data.extend_from_slice(&bytes);
+                }
+                Some(ReplicationEvent::Commit { end_lsn, .. }) => break end_lsn,
+                Some(_) => {}
+                None => panic!("stream ended before the commit"),
+            }
+        }
+    })
+    .await
+    .expect("the commit arrives within 20 s");
+    repl.update_applied_lsn(commit);
+    let _ = repl.shutdown().await;
+
+    // pgoutput v1: a Relation message ('R') describing outbox_events, then one Insert ('I').
+    assert_eq!(
+        messages,
+        vec![b'R', b'I'],
+        "one relation and one insert, nothing of the aborted tx"
+    );
+    let text = String::from_utf8_lossy(&data);
+    assert!(text.contains("outbox_events"), "relation names the table");
+    assert!(
+        text.contains(&id.to_string()),
+        "insert carries the committed row's id"
+    );
+    assert!(
+        !text.contains("r-aborted"),
+        "the rolled-back row never streams"
+    );
+
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn service_roles_cannot_replicate_and_the_relay_cannot_write() {
+    let db = TestDb::create(Source::Grpc).await;
+    let owner = db.owner().await;
+    let err = owner
+        .execute(
+            "SELECT pg_create_logical_replication_slot('t_forbidden', 'pgoutput')",
+            &[],
+        )
+        .await
+        .expect_err("the API role has no REPLICATION");
+    assert!(
+        err.to_string().contains("permission denied") || format!("{err:?}").contains("42501"),
+        "{err:?}"
+    );
+
+    let relay = platform::db::connect(&db.relay_url()).await.unwrap();
+    let n: i64 = relay
+        .query_one("SELECT count(*) FROM outbox_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the relay reads the outbox");
+    for sql in [
+        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload) VALUES (gen_random_uuid(), 'task', 't', 'task.process', '{}')",
+        "SELECT count(*) FROM tasks",
+        "DELETE FROM outbox_events",
+    ] {
+        let err = relay.execute(sql, &[]).await.expect_err(sql);
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {err:?}");
+    }
+    db.cleanup().await;
+}

@@ -1,0 +1,242 @@
+//! The Postgres side every database-owning service shares: the `DATABASE_URL` setting, a pool,
+//! and versioned migrations run by refinery under an advisory lock.
+
+use std::fmt;
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+/// A parsed `postgres://` URL (or key=value string). `Display` hides the password so the
+/// setting can be logged.
+#[derive(Clone)]
+pub struct PgUrl {
+    pub config: tokio_postgres::Config,
+}
+
+impl FromStr for PgUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let config = tokio_postgres::Config::from_str(s).map_err(|e| {
+            // tokio-postgres may echo the input, password included; say only what was wrong.
+            let msg = e.to_string();
+            if msg.contains(s) {
+                "not a valid postgres:// URL".to_string()
+            } else {
+                format!("not a valid postgres:// URL: {msg}")
+            }
+        })?;
+        if config.get_dbname().is_none() {
+            return Err("the URL names no database".into());
+        }
+        if config.get_user().is_none() {
+            return Err("the URL names no user".into());
+        }
+        Ok(PgUrl { config })
+    }
+}
+
+impl fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        let host = c
+            .get_hosts()
+            .first()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .unwrap_or_default();
+        let port = c.get_ports().first().copied().unwrap_or(5432);
+        write!(
+            f,
+            "postgres://{}@{}:{}/{}",
+            c.get_user().unwrap_or_default(),
+            host,
+            port,
+            c.get_dbname().unwrap_or_default()
+        )
+    }
+}
+
+impl fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The database settings of a service that owns one database.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DatabaseArgs {
+    /// The service's own database, e.g. postgres://kafkify_rest:…@127.0.0.1:5432/rest
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: PgUrl,
+
+    /// Maximum connections in the pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub db_pool_size: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot build the connection pool: {0}")]
+    Pool(String),
+    #[error("cannot connect to {url}: {}", describe(source))]
+    Connect {
+        url: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("migration of {url} failed: {source}")]
+    Migrate {
+        url: String,
+        #[source]
+        source: refinery::Error,
+    },
+    #[error("database error: {}", describe(.0))]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// tokio-postgres displays a server error as just "db error"; this adds the server's message,
+/// SQLSTATE and detail, which is what an operator needs.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => {
+            let mut out = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                out.push_str(": ");
+                out.push_str(detail);
+            }
+            out
+        }
+        None => err.to_string(),
+    }
+}
+
+/// A pool that checks connections cheaply on reuse. Connections open lazily, so building it
+/// never blocks start-up; `/ready` tells whether the database answers.
+pub fn pool(args: &DatabaseArgs) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        args.database_url.config.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(args.db_pool_size as usize)
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// A readiness check: a pooled connection answers `SELECT 1`.
+pub async fn ping(pool: &Pool) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(|e| describe(&e))?;
+    Ok(())
+}
+
+/// [`ping`] as a readiness check for [`crate::ops::Readiness::check`].
+pub fn probe(pool: &Pool) -> impl Fn() -> crate::ops::CheckFuture + Send + Sync + 'static {
+    let pool = pool.clone();
+    move || {
+        let pool = pool.clone();
+        Box::pin(async move { ping(&pool).await })
+    }
+}
+
+/// One direct connection, driven on a background task.
+pub async fn connect(url: &PgUrl) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) =
+        url.config
+            .connect(NoTls)
+            .await
+            .map_err(|source| DbError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(%err, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies the embedded migrations. Replicas starting together take turns through an advisory
+/// lock; versions already applied are skipped, so running it again changes nothing.
+pub async fn migrate(url: &PgUrl, runner: refinery::Runner) -> Result<refinery::Report, DbError> {
+    // Any constant works; it only has to be the same for every replica of every service.
+    const LOCK: i64 = 0x006b_6166_6b69_6679;
+    let mut client = connect(url).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
+        .await?;
+    let result = runner.run_async(&mut client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
+        .await?;
+    result.map_err(|source| DbError::Migrate {
+        url: url.to_string(),
+        source,
+    })
+}
+
+/// The `migrate` subcommand of a database-owning service: applies its migrations, logs what
+/// was applied, and returns.
+pub async fn migrate_command(url: &PgUrl, runner: refinery::Runner) -> anyhow::Result<()> {
+    let report = migrate(url, runner).await?;
+    let applied: Vec<String> = report
+        .applied_migrations()
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    if applied.is_empty() {
+        tracing::info!(database = %url, "schema up to date, nothing to apply");
+    } else {
+        tracing::info!(database = %url, ?applied, "migrations applied");
+    }
+    Ok(())
+}
+
+/// Subcommands of the database-owning services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Apply the database migrations, then exit (idempotent).
+    Migrate,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_shows() {
+        let url: PgUrl = "postgres://svc:s3cret@db.example:6543/rest"
+            .parse()
+            .unwrap();
+        assert_eq!(url.to_string(), "postgres://svc@db.example:6543/rest");
+        assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn incomplete_urls_are_refused() {
+        assert!("postgres://svc@localhost"
+            .parse::<PgUrl>()
+            .unwrap_err()
+            .contains("no database"));
+        assert!("postgres://localhost/rest"
+            .parse::<PgUrl>()
+            .unwrap_err()
+            .contains("no user"));
+        let err = "postgres://u:topsecret@h:notaport/d"
+            .parse::<PgUrl>()
+            .unwrap_err();
+        assert!(!err.contains("topsecret"), "{err}");
+    }
+}

@@ -1,0 +1,65 @@
+//! Kafka settings shared by every client of the broker, and the broker readiness check.
+
+use std::time::Duration;
+
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+
+use crate::config::Brokers;
+
+/// `KAFKA_BROKERS` and the knobs every Kafka client of ours has.
+#[derive(Clone, Debug, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, host:port[,host:port…].
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: Brokers,
+}
+
+impl KafkaArgs {
+    /// A librdkafka config with the bootstrap servers and a client id naming the service.
+    pub fn client_config(&self, client_id: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.kafka_brokers.0)
+            .set("client.id", client_id)
+            // Fail fast on a dead cluster instead of librdkafka's default of retrying forever
+            // inside calls that have their own timeouts.
+            .set("socket.timeout.ms", "10000");
+        c
+    }
+
+    /// An admin client, used for metadata (readiness) and topic administration.
+    pub fn admin(&self, client_id: &str) -> Result<AdminClient<DefaultClientContext>, String> {
+        self.client_config(client_id)
+            .create()
+            .map_err(|e| format!("cannot create Kafka client: {e}"))
+    }
+}
+
+impl KafkaArgs {
+    /// A readiness check for [`crate::ops::Readiness::check`], with its own admin client.
+    pub fn probe(
+        &self,
+        client_id: &str,
+    ) -> Result<impl Fn() -> crate::ops::CheckFuture + Send + Sync + 'static, String> {
+        let admin = std::sync::Arc::new(self.admin(client_id)?);
+        Ok(move || Box::pin(ping(admin.clone())) as crate::ops::CheckFuture)
+    }
+}
+
+/// Readiness: the cluster answers a metadata request and has at least one broker.
+pub async fn ping(admin: std::sync::Arc<AdminClient<DefaultClientContext>>) -> Result<(), String> {
+    // librdkafka's metadata call blocks its thread.
+    tokio::task::spawn_blocking(move || {
+        let md = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_millis(1500))
+            .map_err(|e| format!("no metadata from Kafka: {e}"))?;
+        if md.brokers().is_empty() {
+            return Err("Kafka answered with no brokers".to_string());
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| format!("metadata task failed: {e}"))?
+}

@@ -1,0 +1,13 @@
+//! What every Kafkify binary shares. Kept deliberately small: anything that only one service
+//! needs lives in that service's crate.
+
+pub mod config;
+pub mod db;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod metrics;
+pub mod ops;
+#[cfg(feature = "registry")]
+pub mod registry;
+pub mod shutdown;
+pub mod telemetry;

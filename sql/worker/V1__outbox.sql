@@ -1,0 +1,1 @@
+../shared/V1__outbox.sql

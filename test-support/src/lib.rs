@@ -1,0 +1,301 @@
+//! Connects integration tests to the running local stack (`./kafkify up --infra`) and gives each
+//! test its own databases, topics and consumer groups, so tests run in parallel without
+//! interfering and leave nothing behind that the next run could trip over.
+//!
+//! Endpoints come from the environment (`./kafkify test` exports them) or, when a test is run
+//! straight from `cargo test`, from `.kafkify/stack.env` in the workspace.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use platform::db::PgUrl;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+use uuid::Uuid;
+
+pub mod service;
+
+mod migrations {
+    pub mod rest {
+        refinery::embed_migrations!("../sql/rest");
+    }
+    pub mod grpc {
+        refinery::embed_migrations!("../sql/grpc");
+    }
+    pub mod worker {
+        refinery::embed_migrations!("../sql/worker");
+    }
+}
+
+/// Where the stack is.
+#[derive(Clone, Debug)]
+pub struct Stack {
+    /// Superuser connection to the `postgres` database.
+    pub admin_url: PgUrl,
+    pub pg_port: u16,
+    pub kafka_brokers: String,
+    pub schema_registry_url: String,
+    passwords: HashMap<String, String>,
+}
+
+fn stack_env_file() -> HashMap<String, String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../.kafkify/stack.env");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The stack every test of this process shares.
+pub fn stack() -> &'static Stack {
+    static STACK: OnceLock<Stack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        let file = stack_env_file();
+        let get = |key: &str| {
+            std::env::var(key).ok().or_else(|| file.get(key).cloned()).unwrap_or_else(|| {
+                panic!("{key} is not set and .kafkify/stack.env has no value: start the stack with `./kafkify up --infra`")
+            })
+        };
+        let admin_url: PgUrl = get("KAFKIFY_PG_ADMIN_URL").parse().expect("KAFKIFY_PG_ADMIN_URL");
+        let passwords = get("KAFKIFY_PG_PASSWORDS")
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Stack {
+            pg_port: get("KAFKIFY_PG_PORT").parse().expect("KAFKIFY_PG_PORT"),
+            admin_url,
+            kafka_brokers: get("KAFKA_BROKERS"),
+            schema_registry_url: get("SCHEMA_REGISTRY_URL"),
+            passwords,
+        }
+    })
+}
+
+impl Stack {
+    /// The local password of a service role (`rest`, `grpc`, `worker`, `relay`).
+    pub fn password(&self, role: &str) -> &str {
+        self.passwords
+            .get(role)
+            .map(String::as_str)
+            .unwrap_or_else(|| {
+                panic!("no password for role kafkify_{role} in KAFKIFY_PG_PASSWORDS")
+            })
+    }
+
+    /// A URL for `kafkify_<role>` on `database`, as a service's `DATABASE_URL` would be.
+    pub fn dsn(&self, role: &str, database: &str) -> String {
+        format!(
+            "postgres://kafkify_{role}:{}@127.0.0.1:{}/{database}",
+            self.password(role),
+            self.pg_port
+        )
+    }
+
+    /// [`Stack::dsn`], parsed.
+    pub fn url(&self, role: &str, database: &str) -> PgUrl {
+        self.dsn(role, database).parse().expect("a valid URL")
+    }
+
+    /// A superuser connection to `postgres`, with a message that says what to do when the stack
+    /// is down.
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        platform::db::connect(&self.admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("Postgres of the local stack: {e}; start it with `./kafkify up --infra`")
+            })
+    }
+
+    /// Client settings for the stack's Kafka.
+    pub fn kafka_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.kafka_brokers);
+        c
+    }
+
+    pub fn kafka_admin(&self) -> AdminClient<DefaultClientContext> {
+        self.kafka_config().create().expect("Kafka admin client")
+    }
+}
+
+/// A short random suffix for names that must not collide between tests or runs.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Which service's schema a test database gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Rest,
+    Grpc,
+    Worker,
+}
+
+impl Source {
+    /// The role suffix (`kafkify_<role>` owns the database).
+    pub fn role(self) -> &'static str {
+        match self {
+            Source::Rest => "rest",
+            Source::Grpc => "grpc",
+            Source::Worker => "worker",
+        }
+    }
+
+    fn runner(self) -> refinery::Runner {
+        match self {
+            Source::Rest => migrations::rest::migrations::runner(),
+            Source::Grpc => migrations::grpc::migrations::runner(),
+            Source::Worker => migrations::worker::migrations::runner(),
+        }
+    }
+}
+
+/// A fresh database of one source, migrated as its owner, exactly as `./kafkify up` sets up the
+/// real one. Test databases are named `t_…`; `./kafkify test` sweeps any that a killed run left.
+pub struct TestDb {
+    pub name: String,
+    pub source: Source,
+}
+
+impl TestDb {
+    pub async fn create(source: Source) -> TestDb {
+        let db = TestDb::create_empty(source).await;
+        platform::db::migrate(&db.owner_url(), source.runner())
+            .await
+            .unwrap_or_else(|e| panic!("migrating test database {}: {e}", db.name));
+        db
+    }
+
+    /// A database with its owner and grants but no migrations applied.
+    pub async fn create_empty(source: Source) -> TestDb {
+        let stack = stack();
+        let name = unique(&format!("t_{}", source.role()));
+        let owner = format!("kafkify_{}", source.role());
+        let admin = stack.admin().await;
+        // One statement per call: CREATE DATABASE refuses to run inside the implicit
+        // transaction of a multi-statement query.
+        for sql in [
+            format!("CREATE DATABASE {name} OWNER {owner}"),
+            format!("REVOKE ALL ON DATABASE {name} FROM PUBLIC"),
+            format!("GRANT CONNECT ON DATABASE {name} TO {owner}, kafkify_relay"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {}", platform::db::describe(&e)));
+        }
+        TestDb { name, source }
+    }
+
+    /// The owning service's connection.
+    pub fn owner_url(&self) -> PgUrl {
+        stack().url(self.source.role(), &self.name)
+    }
+
+    /// The owning service's `DATABASE_URL`.
+    pub fn owner_dsn(&self) -> String {
+        stack().dsn(self.source.role(), &self.name)
+    }
+
+    /// The relay's connection.
+    pub fn relay_url(&self) -> PgUrl {
+        stack().url("relay", &self.name)
+    }
+
+    /// The relay's `DATABASE_URL` for this database.
+    pub fn relay_dsn(&self) -> String {
+        stack().dsn("relay", &self.name)
+    }
+
+    pub async fn owner(&self) -> tokio_postgres::Client {
+        platform::db::connect(&self.owner_url())
+            .await
+            .expect("owner connection")
+    }
+
+    /// Drops the database and any replication slot on it. Call it at the end of the test; a
+    /// slot left behind would pin WAL.
+    pub async fn cleanup(self) {
+        let admin = stack().admin().await;
+        let _ = admin
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                 WHERE database = $1 AND active_pid IS NOT NULL",
+                &[&self.name],
+            )
+            .await;
+        // A terminated walsender releases its slot a moment later.
+        for _ in 0..50 {
+            let r = admin
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                     WHERE database = $1",
+                    &[&self.name],
+                )
+                .await;
+            if r.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "dropping test database {}: {}",
+                    self.name,
+                    platform::db::describe(&e)
+                )
+            });
+    }
+}
+
+/// Creates topics with unique names (`<prefix>.<random>`), `partitions` each; returns the names.
+pub async fn create_topics(prefixes: &[&str], partitions: i32) -> Vec<String> {
+    let names: Vec<String> = prefixes
+        .iter()
+        .map(|p| format!("{p}.{}", &Uuid::new_v4().simple().to_string()[..12]))
+        .collect();
+    let topics: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = stack()
+        .kafka_admin()
+        .create_topics(
+            &topics,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("Kafka of the local stack: {e}; start it with `./kafkify up --infra`")
+        });
+    for r in results {
+        r.unwrap_or_else(|(topic, e)| panic!("creating topic {topic}: {e}"));
+    }
+    names
+}
+
+/// Deletes topics a test created.
+pub async fn delete_topics(names: &[String]) {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let _ = stack()
+        .kafka_admin()
+        .delete_topics(&names, &AdminOptions::new())
+        .await;
+}
+
+/// A consumer group id no other test uses.
+pub fn consumer_group(prefix: &str) -> String {
+    unique(&format!("test-{prefix}"))
+}

@@ -1,0 +1,183 @@
+//! Runs a real service binary as a child process, the way `./kafkify up` and Kubernetes do, and
+//! talks to it over HTTP.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Where a test's child processes write their output.
+pub fn log_path(name: &str) -> PathBuf {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-logs"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{}.log", crate::unique(name)))
+}
+
+/// A running service binary.
+pub struct Service {
+    child: Child,
+    /// `http://127.0.0.1:<port>` of its ops (or API) HTTP port.
+    pub base: String,
+    pub log: PathBuf,
+}
+
+impl Service {
+    /// Starts `bin` with `env` (on top of a clean environment plus PATH) and `HTTP_ADDR` on a free
+    /// port.
+    pub fn spawn(bin: &str, env: &[(&str, String)]) -> Service {
+        let port = free_port();
+        let log = log_path(bin.rsplit('/').next().unwrap_or(bin));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .current_dir(log.parent().unwrap())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("LOG_FORMAT", "json")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        Service {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    /// GET `path`; returns the status and body (or status 0 if nothing answered).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        match client.get(format!("{}{path}", self.base)).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// Waits until `path` answers `status`; panics with the log's tail after `limit`.
+    pub async fn wait_for(&mut self, path: &str, status: u16, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let (got, body) = self.get(path).await;
+            if got == status {
+                return body;
+            }
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!(
+                    "service exited ({exit}) before {path} answered {status}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "{path} answered {got} {body:?}, not {status}, for {limit:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then the exit status; panics if the process has not exited within `limit`.
+    pub async fn terminate(mut self, limit: Duration) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        let start = Instant::now();
+        loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                return exit;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "no exit within {limit:?} of SIGTERM; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // A failed test must not leave a server behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `bin` to completion (e.g. `migrate`, or a bad config); returns status and stderr+stdout.
+pub fn run(bin: &str, args: &[&str], env: &[(&str, String)]) -> (ExitStatus, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .current_dir(log_path("run").parent().unwrap())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_FORMAT", "json")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
+    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stdout));
+    (out.status, text)
+}
+
+/// The ops contract every binary keeps: `/ready` turns 200 with the stack up, `/health` is 200,
+/// `/metrics` carries `<metric_prefix>_build_info`, and SIGTERM ends the process with status 0.
+pub async fn check_ops_contract(bin: &str, env: &[(&str, String)], metric_prefix: &str) {
+    let mut service = Service::spawn(bin, env);
+    let ready = service
+        .wait_for("/ready", 200, Duration::from_secs(30))
+        .await;
+    assert!(
+        ready.starts_with(r#"{"checks":{"#) && ready.contains(r#""status":"ready""#),
+        "{ready}"
+    );
+    assert_eq!(
+        service.get("/health").await,
+        (200, r#"{"status":"ok"}"#.to_string())
+    );
+    let (status, metrics) = service.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(&format!("{metric_prefix}_build_info{{version=\"")),
+        "{metrics}"
+    );
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+    let exit = service.terminate(Duration::from_secs(30)).await;
+    assert!(exit.success(), "exit after SIGTERM: {exit}");
+}
+
+/// A bad setting stops start-up with exit status 2 and one line naming the variable.
+pub fn check_bad_setting(bin: &str, env: &[(&str, String)], variable: &str) {
+    let (status, output) = run(bin, &[], env);
+    assert_eq!(status.code(), Some(2), "{output}");
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, got: {output}");
+    assert!(lines[0].starts_with("config error: "), "{output}");
+    assert!(lines[0].contains(variable), "names {variable}: {output}");
+}
