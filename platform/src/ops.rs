@@ -161,7 +161,7 @@ mod tests {
         assert!(!ok);
         assert_eq!(
             body,
-            r#"{"status":"not ready","checks":{"database":"ok","kafka":"broker \"down\""}}"#
+            r#"{"checks":{"database":"ok","kafka":"broker \"down\""},"status":"not ready"}"#
         );
     }
 
@@ -169,7 +169,7 @@ mod tests {
     async fn no_checks_means_ready() {
         let (ok, body) = Readiness::new().run().await;
         assert!(ok);
-        assert_eq!(body, r#"{"status":"ready","checks":{}}"#);
+        assert_eq!(body, r#"{"checks":{},"status":"ready"}"#);
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,7 +12,12 @@ pub fn init(common: &CommonArgs) -> anyhow::Result<()> {
             common.log_level
         )
     })?;
-    let builder = fmt().with_env_filter(filter).with_target(true);
+    // Colours only for a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_ansi(ansi);
     let result = match common.log_format {
         LogFormat::Json => builder
             .json()
