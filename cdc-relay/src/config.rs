@@ -50,6 +50,26 @@ pub struct Config {
     )]
     pub delivery: Delivery,
 
+    /// Prefix of every topic name (the topic of an event is `<prefix><event_type>`).
+    #[arg(long, env = "RELAY_TOPIC_PREFIX", default_value = "", value_parser = parse_topic_prefix)]
+    pub topic_prefix: String,
+
+    /// Partitions of the event topics the relay creates when they are missing.
+    #[arg(long, env = "RELAY_TOPIC_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10000))]
+    pub topic_partitions: i32,
+
+    /// Compacted topic holding each source's last committed LSN (exactly-once mode).
+    #[arg(long, env = "RELAY_CHECKPOINT_TOPIC", default_value = "kafkify.relay.checkpoints", value_parser = parse_topic)]
+    pub checkpoint_topic: String,
+
+    /// A Kafka transaction is committed once it holds this many events…
+    #[arg(long, env = "RELAY_BATCH_MAX_EVENTS", default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_max_events: u32,
+
+    /// …or once its first event has waited this long.
+    #[arg(long, env = "RELAY_BATCH_LINGER", default_value = "20ms", value_parser = platform::config::parse_duration)]
+    pub batch_linger: std::time::Duration,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
@@ -89,14 +109,46 @@ impl FromStr for Identifier {
     }
 }
 
+/// Kafka topic names: 1–249 of `[a-zA-Z0-9._-]`.
+fn parse_topic(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.len() > 249
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(format!(
+            "`{s}` is not a valid Kafka topic name (1–249 of a-z A-Z 0-9 . _ -)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_topic_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    parse_topic(s)
+}
+
 impl Config {
+    /// The slot (and checkpoint key, and transactional id suffix) of a source.
+    pub fn slot(&self, source: &Identifier) -> String {
+        format!("{}{}", self.slot_prefix.0, source.0)
+    }
+
+    /// The topic of an event type.
+    pub fn topic(&self, event_type: &str) -> String {
+        format!("{}{event_type}", self.topic_prefix)
+    }
+
     /// Slot names must fit the same rule once prefixed.
     pub fn validate(&self) -> Result<(), String> {
         if self.sources.is_empty() {
             return Err("RELAY_SOURCES: name at least one source database".into());
         }
         for source in &self.sources {
-            let slot = format!("{}{}", self.slot_prefix.0, source.0);
+            let slot = self.slot(source);
             if slot.len() > 63 {
                 return Err(format!(
                     "RELAY_SLOT_PREFIX: slot name `{slot}` for source `{}` is longer than 63 characters",
@@ -167,6 +219,19 @@ mod tests {
             .validate()
             .unwrap_err()
             .starts_with("RELAY_SLOT_PREFIX"));
+    }
+
+    #[test]
+    fn topics() {
+        let c = parse(&["--topic-prefix", "t1."]).unwrap();
+        assert_eq!(c.topic("task.process"), "t1.task.process");
+        assert!(parse(&["--topic-prefix", "a b"]).is_err());
+        assert!(parse(&["--checkpoint-topic", ""]).is_err());
+        assert!(parse(&["--topic-partitions", "0"]).is_err());
+        assert_eq!(
+            parse(&[]).unwrap().batch_linger,
+            std::time::Duration::from_millis(20)
+        );
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! cdc-relay: logical replication from every source database's outbox to Kafka.
 
-mod config;
-
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use cdc_relay::config::Config;
+use cdc_relay::metrics::Metrics;
+use cdc_relay::registry::SchemaCache;
+use cdc_relay::relay::{self, RelayContext};
 use platform::ops::Readiness;
-
-use crate::config::Config;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -18,7 +21,11 @@ async fn main() -> anyhow::Result<()> {
     platform::telemetry::init(&config.common)?;
     let shutdown = platform::shutdown::token();
 
-    let registry = Arc::new(platform::metrics::registry("cdc-relay"));
+    let mut registry = platform::metrics::registry("cdc-relay");
+    let metrics = Metrics::register(&mut registry);
+    let registry = Arc::new(registry);
+
+    let prepared = Arc::new(AtomicBool::new(false));
     let mut readiness = Readiness::new();
     for source in &config.sources {
         let url = config.source_url(source);
@@ -37,19 +44,87 @@ async fn main() -> anyhow::Result<()> {
                 .probe("cdc-relay")
                 .map_err(anyhow::Error::msg)?,
         )
-        .check("schema registry", config.registry.probe());
+        .check("schema registry", config.registry.probe())
+        .check("topics and schemas", {
+            let prepared = prepared.clone();
+            move || {
+                let ok = prepared.load(Ordering::Relaxed);
+                async move {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err("not yet created/registered".to_string())
+                    }
+                }
+            }
+        });
 
     let router = platform::ops::router(registry, readiness);
     let (addr, server) = platform::ops::bind(config.http_addr, router, shutdown.clone()).await?;
+    let server = tokio::spawn(server);
     tracing::info!(
         %addr,
         sources = ?config.sources.iter().map(|s| &s.0).collect::<Vec<_>>(),
         delivery = ?config.delivery,
         "cdc-relay listening"
     );
-    server.await.context("ops server failed")?;
+
+    let Some(schemas) = prepare(&config, &shutdown).await else {
+        server.await??;
+        return Ok(());
+    };
+    prepared.store(true, Ordering::Relaxed);
+    let ctx = Arc::new(RelayContext {
+        config,
+        schemas,
+        metrics,
+    });
+
+    let mut tasks = Vec::new();
+    for source in ctx.config.sources.clone() {
+        tasks.push(tokio::spawn(relay::run_source(
+            ctx.clone(),
+            source,
+            shutdown.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(relay::watch_slot_lag(
+        ctx.clone(),
+        shutdown.clone(),
+    )));
+    for t in tasks {
+        t.await.context("a relay task panicked")?;
+    }
+    server.await?.context("ops server failed")?;
     tracing::info!("cdc-relay stopped");
     Ok(())
+}
+
+/// Creates the topics and registers the schemas, retrying until both succeed: until then the
+/// relay reads nothing, so a refused (incompatible) schema holds events back instead of losing
+/// them. `None` if asked to stop first.
+async fn prepare(config: &Config, shutdown: &CancellationToken) -> Option<SchemaCache> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            let admin = config.kafka.admin("cdc-relay-admin")?;
+            cdc_relay::topics::ensure(&admin, config).await?;
+            SchemaCache::register_all(&config.registry.schema_registry_url.0, &config.topic_prefix)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(schemas) => return Some(schemas),
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?backoff, "cannot prepare topics and schemas")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// A source is usable when the relay's role can log in to it and its publication exists.
@@ -63,7 +138,7 @@ async fn check_source(url: &platform::db::PgUrl, publication: &str) -> Result<()
             &[&publication],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| platform::db::describe(&e))?;
     match row {
         Some(_) => Ok(()),
         None => Err(format!(

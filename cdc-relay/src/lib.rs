@@ -1,0 +1,13 @@
+//! cdc-relay as a library: the pure decoding and encoding steps, and the relay loop that wires
+//! them to Postgres, the schema registry and Kafka. The binary in `main.rs` is configuration
+//! and start-up only.
+
+pub mod config;
+pub mod encode;
+pub mod metrics;
+pub mod outbox;
+pub mod pgoutput;
+pub mod producer;
+pub mod registry;
+pub mod relay;
+pub mod topics;

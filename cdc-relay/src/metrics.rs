@@ -1,0 +1,117 @@
+//! The relay's metrics (prefix `kafkify_cdc_relay_`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabel {
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub source: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub events_published: Family<TopicLabel, Counter>,
+    pub events_dead_lettered: Family<TopicLabel, Counter>,
+    pub commit_to_ack: Histogram,
+    pub kafka_transaction: Histogram,
+    pub batch_events: Histogram,
+    pub slot_lag: Family<SourceLabel, Gauge>,
+    pub streaming: Family<SourceLabel, Gauge>,
+    pub confirmed_lsn: Family<SourceLabel, Gauge>,
+    pub transactions_skipped: Family<SourceLabel, Counter>,
+    pub errors: Family<ErrorLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            events_published: Family::default(),
+            events_dead_lettered: Family::default(),
+            // 0.5 ms … ~16 s
+            commit_to_ack: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            kafka_transaction: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            // 1 … 65536 events
+            batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
+            slot_lag: Family::default(),
+            streaming: Family::default(),
+            confirmed_lsn: Family::default(),
+            transactions_skipped: Family::default(),
+            errors: Family::default(),
+        };
+        registry.register(
+            "events_published",
+            "Outbox events committed to Kafka",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "events_dead_lettered",
+            "Outbox events that could not be encoded and went to the dead-letter topic",
+            m.events_dead_lettered.clone(),
+        );
+        registry.register(
+            "commit_to_ack_seconds",
+            "Time from the Postgres commit of an outbox event to Kafka acknowledging it",
+            m.commit_to_ack.clone(),
+        );
+        registry.register(
+            "kafka_transaction_seconds",
+            "Duration of one Kafka transaction, begin to commit",
+            m.kafka_transaction.clone(),
+        );
+        registry.register(
+            "batch_events",
+            "Events per Kafka transaction (or flush)",
+            m.batch_events.clone(),
+        );
+        registry.register(
+            "slot_lag_bytes",
+            "WAL bytes between the server's current position and the slot's confirmed position",
+            m.slot_lag.clone(),
+        );
+        registry.register(
+            "source_streaming",
+            "1 while this process holds the source's slot and streams it, 0 on standby or error",
+            m.streaming.clone(),
+        );
+        registry.register(
+            "confirmed_lsn",
+            "Last WAL position confirmed to Postgres (as a number)",
+            m.confirmed_lsn.clone(),
+        );
+        registry.register(
+            "transactions_skipped",
+            "Postgres transactions re-sent after a restart and skipped because Kafka already has them",
+            m.transactions_skipped.clone(),
+        );
+        registry.register(
+            "errors",
+            "Errors by kind; each restarts the source's session",
+            m.errors.clone(),
+        );
+        m
+    }
+
+    pub fn error(&self, source: &str, kind: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabel {
+                source: source.to_string(),
+                kind,
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,545 @@
+//! One source's replication session: slot → decode → encode → Kafka → acknowledge.
+//!
+//! The contract (DESIGN.md "Delivery guarantees"):
+//! - a WAL position is acknowledged to Postgres only after Kafka has committed every event
+//!   before it, so nothing committed is ever lost;
+//! - exactly-once: each batch of whole Postgres transactions is one Kafka transaction with the
+//!   checkpoint; after a restart, transactions at or below the checkpoint are skipped;
+//! - order per aggregate: events are produced in commit order by one producer, keyed by
+//!   aggregate id;
+//! - when the outbox is idle, keepalives move the acknowledged position so the slot does not
+//!   pin WAL;
+//! - the slot is the lock: a second relay waits on an active slot and takes over when it frees.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwire_replication::client::ReplicationEvent;
+use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Identifier};
+use crate::encode::{encode_payload, headers, KafkaRecord, Origin};
+use crate::metrics::{Metrics, SourceLabel, TopicLabel};
+use crate::outbox::{OutboxColumns, OutboxError, OutboxEvent};
+use crate::pgoutput::{self, Lsn, Message, PG_EPOCH_OFFSET_MICROS};
+use crate::producer::{Sink, SinkError};
+use crate::registry::SchemaCache;
+
+/// Where events the relay cannot encode go when their event type is unknown (a known type's
+/// go to `<topic>.dlq`).
+pub const UNKNOWN_EVENT_TYPE_DLQ: &str = "kafkify.unknown.dlq";
+
+pub struct RelayContext {
+    pub config: Config,
+    pub schemas: SchemaCache,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("replication slot `{0}` is held by another relay; standing by")]
+    SlotBusy(String),
+    #[error("replication slot `{slot}` was invalidated (wal_status = lost): WAL it needed was removed, so events may be missing. Investigate, then drop the slot to start afresh from the current position")]
+    SlotLost { slot: String },
+    #[error("Postgres: {0}")]
+    Postgres(String),
+    #[error("replication: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    #[error("pgoutput: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("outbox: {0}")]
+    Outbox(#[from] OutboxError),
+    #[error("replication stream ended unexpectedly")]
+    StreamEnded,
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+impl SessionError {
+    /// A label for the errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionError::SlotBusy(_) => "slot_busy",
+            SessionError::SlotLost { .. } => "slot_lost",
+            SessionError::Postgres(_) => "postgres",
+            SessionError::Replication(_) | SessionError::StreamEnded => "replication",
+            SessionError::Decode(_) => "decode",
+            SessionError::Outbox(_) => "outbox",
+            SessionError::Sink(_) => "kafka",
+        }
+    }
+
+    /// How long to wait before the next session, given the current back-off.
+    fn retry_after(&self, backoff: Duration) -> Duration {
+        match self {
+            // Polling a busy slot is cheap, and fast polling means fast take-over.
+            SessionError::SlotBusy(_) => Duration::from_secs(1),
+            SessionError::SlotLost { .. } => Duration::from_secs(30),
+            _ => backoff,
+        }
+    }
+}
+
+/// Streams `source` until `shutdown`, starting a new session after every failure with
+/// exponential back-off (0.5 s doubling to 30 s; reset after a session that streamed a while).
+pub async fn run_source(ctx: Arc<RelayContext>, source: Identifier, shutdown: CancellationToken) {
+    let label = SourceLabel {
+        source: source.0.clone(),
+    };
+    let mut backoff = Duration::from_millis(500);
+    let mut last_busy_log: Option<Instant> = None;
+    while !shutdown.is_cancelled() {
+        let started = Instant::now();
+        let result = session(&ctx, &source, &shutdown).await;
+        ctx.metrics.streaming.get_or_create(&label).set(0);
+        let err = match result {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        ctx.metrics.error(&source.0, err.kind());
+        match &err {
+            SessionError::SlotBusy(_) => {
+                if last_busy_log.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    tracing::info!(source = %source.0, "{err}");
+                    last_busy_log = Some(Instant::now());
+                }
+            }
+            _ => {
+                tracing::error!(source = %source.0, error = %err, retry_in = ?err.retry_after(backoff), "session failed")
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(500);
+        }
+        let wait = err.retry_after(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    tracing::info!(source = %source.0, "source stopped");
+}
+
+/// Creates the slot if it is missing; refuses a slot whose WAL is gone.
+async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), SessionError> {
+    let pg = |e: tokio_postgres::Error| SessionError::Postgres(platform::db::describe(&e));
+    let row = client
+        .query_opt(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg)?;
+    match row {
+        Some(row) => {
+            let status: Option<String> = row.get(0);
+            if status.as_deref() == Some("lost") {
+                return Err(SessionError::SlotLost {
+                    slot: slot.to_string(),
+                });
+            }
+        }
+        None => {
+            // Two relays starting at once may both try; the loser's error is harmless.
+            match client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&slot],
+                )
+                .await
+            {
+                Ok(_) => tracing::info!(slot, "created replication slot"),
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
+                Err(e) => return Err(pg(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn replication_config(
+    config: &Config,
+    source: &Identifier,
+    slot: &str,
+) -> Result<ReplicationConfig, SessionError> {
+    let url = config.source_url(source).config;
+    let host = match url.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let password = url
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    Ok(ReplicationConfig::new(
+        host,
+        url.get_user().unwrap_or_default(),
+        password,
+        source.0.clone(),
+        slot.to_string(),
+        config.publication.0.clone(),
+    )
+    .with_port(url.get_ports().first().copied().unwrap_or(5432))
+    .with_tls(TlsConfig::disabled())
+    // 0: resume at the slot's confirmed position.
+    .with_start_lsn(pgwire_replication::Lsn(0))
+    // Acknowledgements reach the server within a second, so slot lag reflects reality.
+    .with_status_interval(Duration::from_secs(1))
+    .with_wakeup_interval(Duration::from_secs(10))
+    .with_application_name("kafkify-cdc-relay"))
+}
+
+/// A Postgres transaction being received.
+struct OpenTx {
+    commit_ts_micros: i64,
+    records: Vec<KafkaRecord>,
+}
+
+/// Whole Postgres transactions waiting for their Kafka transaction.
+#[derive(Default)]
+struct Batch {
+    records: Vec<KafkaRecord>,
+    /// (commit time, events) of each transaction in the batch, for the latency histogram.
+    commits: Vec<(i64, usize)>,
+    last_lsn: Option<Lsn>,
+    first_at: Option<Instant>,
+}
+
+async fn session(
+    ctx: &RelayContext,
+    source: &Identifier,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let config = &ctx.config;
+    let slot = config.slot(source);
+    let sql = platform::db::connect(&config.source_url(source))
+        .await
+        .map_err(|e| SessionError::Postgres(e.to_string()))?;
+    ensure_slot(&sql, &slot).await?;
+    drop(sql);
+
+    let mut repl = ReplicationClient::connect(replication_config(config, source, &slot)?).await?;
+    if let Err(e) = repl.wait_started().await {
+        let text = e.to_string();
+        if text.contains("is active for PID") || text.contains("55006") {
+            return Err(SessionError::SlotBusy(slot));
+        }
+        return Err(e.into());
+    }
+
+    // Only now, holding the slot, may this process fence the previous producer.
+    let kafka = || {
+        config
+            .kafka
+            .client_config(&format!("cdc-relay-{}", source.0))
+    };
+    let sink = Sink::create(kafka(), config.delivery, &config.checkpoint_topic, &slot).await?;
+    let checkpoint = sink.read_checkpoint(kafka()).await?;
+    let label = SourceLabel {
+        source: source.0.clone(),
+    };
+    ctx.metrics.streaming.get_or_create(&label).set(1);
+    tracing::info!(source = %source.0, slot, checkpoint = ?checkpoint.map(|l| l.to_string()), "streaming");
+
+    let mut stream = Stream {
+        ctx,
+        source,
+        label,
+        checkpoint: checkpoint.unwrap_or_default(),
+        relations: HashMap::new(),
+        open: None,
+        batch: Batch::default(),
+    };
+    let result = stream.run(&mut repl, &sink, shutdown).await;
+    repl.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(5), repl.shutdown()).await;
+    result
+}
+
+struct Stream<'a> {
+    ctx: &'a RelayContext,
+    source: &'a Identifier,
+    label: SourceLabel,
+    /// Everything at or below this commit LSN is in Kafka already.
+    checkpoint: Lsn,
+    relations: HashMap<u32, Option<Result<OutboxColumns, OutboxError>>>,
+    open: Option<OpenTx>,
+    batch: Batch,
+}
+
+impl Stream<'_> {
+    async fn run(
+        &mut self,
+        repl: &mut ReplicationClient,
+        sink: &Sink,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let linger = self.ctx.config.batch_linger;
+        let max_events = self.ctx.config.batch_max_events as usize;
+        loop {
+            let flush_at = self
+                .batch
+                .first_at
+                .map(|t| tokio::time::Instant::from_std(t + linger));
+            tokio::select! {
+                biased;
+                // Stop first: what is complete is published, a half-received transaction is
+                // left for the next run (Postgres re-sends it).
+                _ = shutdown.cancelled() => {
+                    self.flush(repl, sink).await?;
+                    return Ok(());
+                }
+                _ = sleep_until(flush_at), if flush_at.is_some() => self.flush(repl, sink).await?,
+                event = repl.recv() => {
+                    match event? {
+                        Some(event) => self.handle(event, repl)?,
+                        None => return Err(SessionError::StreamEnded),
+                    }
+                    if self.batch.records.len() >= max_events {
+                        self.flush(repl, sink).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        event: ReplicationEvent,
+        repl: &ReplicationClient,
+    ) -> Result<(), SessionError> {
+        match event {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => {
+                self.open = Some(OpenTx {
+                    commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
+                    records: Vec::new(),
+                });
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => match pgoutput::decode(&data)? {
+                Message::Relation(rel) => {
+                    let cols = OutboxColumns::of(&rel);
+                    if cols.is_none() {
+                        tracing::warn!(table = %format!("{}.{}", rel.namespace, rel.name), "publication carries a table that is not an outbox; its changes are ignored");
+                    }
+                    self.relations.insert(rel.oid, cols);
+                }
+                Message::Insert { relation, new } => {
+                    let cols = match self.relations.get(&relation) {
+                        Some(Some(Ok(cols))) => cols,
+                        Some(Some(Err(e))) => return Err(e.clone().into()),
+                        Some(None) => return Ok(()),
+                        None => {
+                            return Err(pgoutput::DecodeError::Malformed(format!(
+                                "insert into relation {relation} before its Relation message"
+                            ))
+                            .into())
+                        }
+                    };
+                    let event = cols.event(&new)?;
+                    let Some(open) = self.open.as_mut() else {
+                        return Err(pgoutput::DecodeError::Malformed(
+                            "insert outside a transaction".into(),
+                        )
+                        .into());
+                    };
+                    let origin = Origin {
+                        lsn: Lsn(wal_start.as_u64()),
+                        commit_ts_micros: open.commit_ts_micros,
+                    };
+                    open.records.push(record(self.ctx, &event, origin));
+                }
+                // Updates and deletes are not published; types, origins, truncates and
+                // messages carry nothing for Kafka.
+                _ => {}
+            },
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let end = Lsn(end_lsn.as_u64());
+                let open = self.open.take().unwrap_or(OpenTx {
+                    commit_ts_micros: 0,
+                    records: Vec::new(),
+                });
+                if end <= self.checkpoint {
+                    // Re-sent after a restart; Kafka has it.
+                    self.ctx
+                        .metrics
+                        .transactions_skipped
+                        .get_or_create(&self.label)
+                        .inc();
+                    if self.batch.records.is_empty() {
+                        repl.update_applied_lsn(end_lsn);
+                    }
+                } else if open.records.is_empty() && self.batch.records.is_empty() {
+                    repl.update_applied_lsn(end_lsn);
+                } else {
+                    if !open.records.is_empty() {
+                        self.batch
+                            .commits
+                            .push((open.commit_ts_micros, open.records.len()));
+                        self.batch.records.extend(open.records);
+                        self.batch.first_at.get_or_insert_with(Instant::now);
+                    }
+                    self.batch.last_lsn = Some(end);
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Nothing received is waiting for Kafka: the slot may move to where the server
+                // is, even if only other tables wrote WAL.
+                if self.open.is_none()
+                    && self.batch.records.is_empty()
+                    && self.batch.last_lsn.is_none()
+                {
+                    repl.update_applied_lsn(wal_end);
+                }
+            }
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => return Err(SessionError::StreamEnded),
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, repl: &ReplicationClient, sink: &Sink) -> Result<(), SessionError> {
+        let Some(upto) = self.batch.last_lsn else {
+            return Ok(());
+        };
+        let batch = std::mem::take(&mut self.batch);
+        let metrics = &self.ctx.metrics;
+        let mut per_topic: HashMap<String, u64> = HashMap::new();
+        for r in &batch.records {
+            *per_topic.entry(r.topic.clone()).or_default() += 1;
+        }
+        let n = batch.records.len();
+        let started = Instant::now();
+        sink.publish(batch.records, upto).await?;
+        metrics
+            .kafka_transaction
+            .observe(started.elapsed().as_secs_f64());
+        metrics.batch_events.observe(n as f64);
+        repl.update_applied_lsn(pgwire_replication::Lsn(upto.0));
+        self.checkpoint = upto;
+        metrics
+            .confirmed_lsn
+            .get_or_create(&self.label)
+            .set(upto.0 as i64);
+        let now = now_micros();
+        for (commit_ts, count) in batch.commits {
+            let latency = (now - commit_ts).max(0) as f64 / 1e6;
+            for _ in 0..count {
+                metrics.commit_to_ack.observe(latency);
+            }
+        }
+        for (topic, count) in per_topic {
+            if topic.ends_with(".dlq") {
+                metrics
+                    .events_dead_lettered
+                    .get_or_create(&TopicLabel { topic })
+                    .inc_by(count);
+            } else {
+                metrics
+                    .events_published
+                    .get_or_create(&TopicLabel { topic })
+                    .inc_by(count);
+            }
+        }
+        tracing::debug!(source = %self.source.0, events = n, upto = %upto, "batch committed");
+        Ok(())
+    }
+}
+
+/// The Kafka record of one outbox event: Avro on its topic, or, when it cannot be encoded, the
+/// raw payload on the dead-letter topic with the reason in a header. Either way it is published
+/// in the same transaction as its neighbours, so nothing is skipped silently.
+fn record(ctx: &RelayContext, event: &OutboxEvent, origin: Origin) -> KafkaRecord {
+    let mut h = headers(event, origin);
+    let reason = match ctx.schemas.get(&event.event_type) {
+        Some((id, schema)) => match encode_payload(&event.payload, *id, schema) {
+            Ok(value) => {
+                return KafkaRecord {
+                    topic: ctx.config.topic(&event.event_type),
+                    key: event.aggregate_id.clone(),
+                    value,
+                    headers: h,
+                }
+            }
+            Err(e) => e.to_string(),
+        },
+        None => format!("unknown event type `{}`", event.event_type),
+    };
+    let topic = match ctx.schemas.get(&event.event_type) {
+        Some(_) => schemas::dlq_topic(&ctx.config.topic(&event.event_type)),
+        None => ctx.config.topic(UNKNOWN_EVENT_TYPE_DLQ),
+    };
+    tracing::warn!(event_id = %event.id, event_type = %event.event_type, %reason, %topic, "dead-lettering an outbox event");
+    h.push(("dlq_reason", reason));
+    h.push(("dlq_origin", "cdc-relay".to_string()));
+    KafkaRecord {
+        topic,
+        key: event.aggregate_id.clone(),
+        value: event.payload.clone().into_bytes(),
+        headers: h,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+/// Polls each source's slot lag every few seconds for the `slot_lag_bytes` gauge.
+pub async fn watch_slot_lag(ctx: Arc<RelayContext>, shutdown: CancellationToken) {
+    let mut clients: HashMap<String, tokio_postgres::Client> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for source in &ctx.config.sources {
+            if clients.get(&source.0).is_none_or(|c| c.is_closed()) {
+                match platform::db::connect(&ctx.config.source_url(source)).await {
+                    Ok(c) => {
+                        clients.insert(source.0.clone(), c);
+                    }
+                    Err(_) => continue,
+                }
+            }
+            let Some(client) = clients.get(&source.0) else {
+                continue;
+            };
+            let slot = ctx.config.slot(source);
+            let row = client
+                .query_opt(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await;
+            if let Ok(Some(row)) = row {
+                let lag: Option<i64> = row.get(0);
+                ctx.metrics
+                    .slot_lag
+                    .get_or_create(&SourceLabel {
+                        source: source.0.clone(),
+                    })
+                    .set(lag.unwrap_or(0));
+            }
+        }
+    }
+}
