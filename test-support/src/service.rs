@@ -55,6 +55,11 @@ impl Service {
         }
     }
 
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// GET `path`; returns the status and body (or status 0 if nothing answered).
     pub async fn get(&self, path: &str) -> (u16, String) {
         let client = reqwest::Client::builder()

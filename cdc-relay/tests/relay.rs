@@ -1,0 +1,604 @@
+//! The relay end to end against the real Postgres, Kafka and schema registry: what committed
+//! outbox rows become on Kafka, across concurrency, crashes, take-over and poison input.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use test_support::service::Service;
+use test_support::{consumer_group, stack, unique, Source, TestDb};
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cdc-relay");
+
+/// A source database, its own topic namespace and checkpoint topic.
+struct Fixture {
+    db: TestDb,
+    prefix: String,
+    checkpoint_topic: String,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let tag = unique("t");
+        Fixture {
+            db: TestDb::create(Source::Rest).await,
+            prefix: format!("{tag}."),
+            checkpoint_topic: format!("{tag}.checkpoints"),
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.db.relay_dsn()),
+            ("RELAY_SOURCES", self.db.name.clone()),
+            ("RELAY_TOPIC_PREFIX", self.prefix.clone()),
+            ("RELAY_CHECKPOINT_TOPIC", self.checkpoint_topic.clone()),
+            ("RELAY_TOPIC_PARTITIONS", "3".into()),
+            ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+            ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+            ("LOG_LEVEL", "info,cdc_relay=debug".into()),
+        ]
+    }
+
+    async fn relay(&self) -> Service {
+        let mut relay = Service::spawn(BIN, &self.env());
+        relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+        relay
+    }
+
+    fn topic(&self, event_type: &str) -> String {
+        format!("{}{event_type}", self.prefix)
+    }
+
+    fn slot(&self) -> String {
+        format!("kafkify_{}", self.db.name)
+    }
+
+    async fn cleanup(self) {
+        let admin = stack().kafka_admin();
+        let md = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .unwrap();
+        let ours: Vec<String> = md
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|t| t.starts_with(&self.prefix))
+            .collect();
+        test_support::delete_topics(&ours).await;
+        self.db.cleanup().await;
+    }
+}
+
+/// One outbox row written by a test.
+fn created(id: Uuid, key: &str, version: i64) -> (Uuid, String, &'static str, String) {
+    let payload = serde_json::to_string(&schemas::ResourceCreated {
+        resource_id: Uuid::from_u128(version as u128),
+        name: key.to_string(),
+        description: "d".repeat(100),
+        attributes: BTreeMap::from([("v".to_string(), version.to_string())]),
+        version,
+        created_at: 1_700_000_000_000_000,
+    })
+    .unwrap();
+    (id, key.to_string(), "resource.created", payload)
+}
+
+async fn insert(tx: &impl tokio_postgres::GenericClient, row: &(Uuid, String, &str, String)) {
+    tx.execute(
+        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+         VALUES ($1, 'resource', $2, $3, $4::text::jsonb)",
+        &[&row.0, &row.1, &row.2, &row.3],
+    )
+    .await
+    .unwrap();
+}
+
+/// A record as a plain Confluent-format Avro consumer sees it.
+#[derive(Debug, Clone)]
+struct Received {
+    topic: String,
+    key: String,
+    headers: HashMap<String, String>,
+    value: Option<Value>,
+    raw: Vec<u8>,
+}
+
+impl Received {
+    fn event_id(&self) -> String {
+        self.headers["event_id"].clone()
+    }
+
+    fn field(&self, name: &str) -> Value {
+        let Some(Value::Record(fields)) = &self.value else {
+            panic!("not a record: {self:?}")
+        };
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    }
+}
+
+/// Reads `topics` with read_committed until `done` says so or `limit` passes; then keeps
+/// reading for `settle` to catch anything extra (duplicates).
+async fn consume(
+    topics: &[String],
+    limit: Duration,
+    settle: Duration,
+    done: impl Fn(&[Received]) -> bool,
+) -> Vec<Received> {
+    let consumer: StreamConsumer = stack()
+        .kafka_config()
+        .set("group.id", consumer_group("relay"))
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .unwrap();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).unwrap();
+    let decoder = AvroDecoder::new(SrSettings::new(stack().schema_registry_url.clone()));
+    let mut out = Vec::new();
+    let start = Instant::now();
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        let deadline = settle_until.unwrap_or(start + limit);
+        let now = Instant::now();
+        if now >= deadline {
+            return out;
+        }
+        match tokio::time::timeout(deadline - now, consumer.recv()).await {
+            Err(_) => return out,
+            Ok(msg) => {
+                let msg = msg.unwrap();
+                let raw = msg.payload().unwrap_or_default().to_vec();
+                let mut headers = HashMap::new();
+                if let Some(h) = msg.headers() {
+                    for hd in h.iter() {
+                        headers.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                let value = if msg.topic().ends_with(".dlq") {
+                    None
+                } else {
+                    Some(
+                        decoder
+                            .decode(Some(&raw))
+                            .await
+                            .expect("a Confluent-framed Avro record")
+                            .value,
+                    )
+                };
+                out.push(Received {
+                    topic: msg.topic().to_string(),
+                    key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
+                    headers,
+                    value,
+                    raw,
+                });
+                if settle_until.is_none() && done(&out) {
+                    settle_until = Some(Instant::now() + settle);
+                }
+            }
+        }
+    }
+}
+
+/// Every id exactly once, nothing else, and per key the versions in the order written.
+fn assert_exactly_once_in_order(
+    got: &[Received],
+    want: &HashMap<String, Vec<i64>>,
+    want_ids: &HashSet<String>,
+) {
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for r in got {
+        *count.entry(r.event_id()).or_default() += 1;
+    }
+    let duplicates: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(duplicates.is_empty(), "duplicated events: {duplicates:?}");
+    let got_ids: HashSet<String> = count.keys().cloned().collect();
+    let missing: Vec<_> = want_ids.difference(&got_ids).collect();
+    let extra: Vec<_> = got_ids.difference(want_ids).collect();
+    assert!(
+        missing.is_empty(),
+        "{} events lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(extra.is_empty(), "unexpected events: {extra:?}");
+    let mut per_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in got {
+        let Value::Long(v) = r.field("version") else {
+            panic!()
+        };
+        per_key.entry(r.key.clone()).or_default().push(v);
+    }
+    assert_eq!(&per_key, want, "per-key order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_transactions_arrive_exactly_once_in_key_order() {
+    let f = Fixture::new().await;
+    let relay = f.relay().await;
+
+    // 8 writers, each owning 3 keys, 40 transactions of 1–3 events each; every 7th transaction
+    // rolls back. One extra transaction carries 5 events.
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let url = f.db.owner_url();
+        writers.push(tokio::spawn(async move {
+            let mut client = platform::db::connect(&url).await.unwrap();
+            let mut committed = Vec::new();
+            let mut aborted = Vec::new();
+            let mut versions: HashMap<String, i64> = HashMap::new();
+            for t in 0..40 {
+                let tx = client.transaction().await.unwrap();
+                let mut rows = Vec::new();
+                for e in 0..(1 + t % 3) {
+                    let key = format!("w{w}-k{}", (t + e) % 3);
+                    let rollback = t % 7 == 6;
+                    let v = versions.get(&key).copied().unwrap_or(0) + 1;
+                    if !rollback {
+                        versions.insert(key.clone(), v);
+                    }
+                    rows.push((created(Uuid::new_v4(), &key, v), rollback));
+                }
+                for (row, _) in &rows {
+                    insert(&tx, row).await;
+                }
+                if rows[0].1 {
+                    tx.rollback().await.unwrap();
+                    aborted.extend(rows.into_iter().map(|(r, _)| r));
+                } else {
+                    tx.commit().await.unwrap();
+                    committed.extend(rows.into_iter().map(|(r, _)| r));
+                }
+            }
+            (committed, aborted)
+        }));
+    }
+    let mut client = f.db.owner().await;
+    let tx = client.transaction().await.unwrap();
+    let mut big = Vec::new();
+    for v in 1..=5 {
+        let row = created(Uuid::new_v4(), "big", v);
+        insert(&tx, &row).await;
+        big.push(row);
+    }
+    tx.commit().await.unwrap();
+
+    let mut want: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut want_ids = HashSet::new();
+    let mut aborted_ids = HashSet::new();
+    let mut all = big;
+    for w in writers {
+        let (committed, aborted) = w.await.unwrap();
+        all.extend(committed);
+        aborted_ids.extend(aborted.into_iter().map(|r| r.0.to_string()));
+    }
+    for (id, key, _, payload) in &all {
+        let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+        want.entry(key.clone())
+            .or_default()
+            .push(v["version"].as_i64().unwrap());
+        want_ids.insert(id.to_string());
+    }
+    assert!(want_ids.len() > 400 && !aborted_ids.is_empty());
+
+    let n = want_ids.len();
+    let got = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+        |r| r.len() >= n,
+    )
+    .await;
+    assert_exactly_once_in_order(&got, &want, &want_ids);
+    assert!(
+        got.iter().all(|r| !aborted_ids.contains(&r.event_id())),
+        "a rolled-back event was published"
+    );
+
+    // Headers and key as DESIGN.md fixes them.
+    let r = &got[0];
+    assert_eq!(r.headers["event_type"], "resource.created");
+    assert!(r.headers["source_lsn"].contains('/'), "{:?}", r.headers);
+    let commit_ts: i64 = r.headers["commit_ts"].parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    assert!(
+        (now - commit_ts) < 120_000_000 && commit_ts < now,
+        "commit_ts {commit_ts} vs now {now}"
+    );
+    assert_eq!(r.raw[0], 0, "Confluent magic byte");
+
+    let (_, metrics) = relay.get("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "kafkify_cdc_relay_events_published_total{{topic=\"{}\"}} {n}",
+            f.topic("resource.created")
+        )),
+        "{metrics}"
+    );
+    drop(relay);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
+    let f = Fixture::new().await;
+    let mut relay = Some(f.relay().await);
+
+    // A writer commits small transactions for the whole test while the relay is killed and
+    // restarted at pseudo-random moments.
+    let url = f.db.owner_url();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut client = platform::db::connect(&url).await.unwrap();
+            let mut rows = Vec::new();
+            let mut v = 0;
+            while !stop.is_cancelled() {
+                let tx = client.transaction().await.unwrap();
+                for _ in 0..3 {
+                    v += 1;
+                    let row = created(Uuid::new_v4(), &format!("k{}", v % 5), v);
+                    insert(&tx, &row).await;
+                    rows.push(row);
+                }
+                tx.commit().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            rows
+        })
+    };
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for round in 0..8 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(300 + seed % 1500)).await;
+        let r = relay.take().unwrap();
+        let pid = r.pid();
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        drop(r);
+        eprintln!("round {round}: killed relay {pid}");
+        relay = Some(f.relay().await);
+    }
+    stop.cancel();
+    let rows = writer.await.unwrap();
+
+    let mut want: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut want_ids = HashSet::new();
+    for (id, key, _, payload) in &rows {
+        let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+        want.entry(key.clone())
+            .or_default()
+            .push(v["version"].as_i64().unwrap());
+        want_ids.insert(id.to_string());
+    }
+    let n = want_ids.len();
+    eprintln!("{n} events written across 8 kills");
+    let got = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(90),
+        Duration::from_secs(3),
+        |r| r.len() >= n,
+    )
+    .await;
+    assert_exactly_once_in_order(&got, &want, &want_ids);
+    let (_, metrics) = relay.as_ref().unwrap().get("/metrics").await;
+    eprintln!(
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("transactions_skipped"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(relay);
+    f.cleanup().await;
+}
+
+async fn confirmed_flush(admin: &tokio_postgres::Client, slot: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn the_slot_advances_while_only_other_tables_write() {
+    let f = Fixture::new().await;
+    let relay = f.relay().await;
+    let admin = stack().admin().await;
+    let owner = f.db.owner().await;
+    // Let the relay settle on the slot first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = confirmed_flush(&admin, &f.slot()).await;
+    for i in 0..200 {
+        owner
+            .execute(
+                "INSERT INTO resources (id, name) VALUES ($1, $2)",
+                &[&Uuid::new_v4(), &format!("r{i}")],
+            )
+            .await
+            .unwrap();
+    }
+    let target: i64 = owner
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(target > before);
+    let start = Instant::now();
+    loop {
+        let now = confirmed_flush(&admin, &f.slot()).await;
+        if now >= target {
+            eprintln!(
+                "slot confirmed {} bytes of other tables' WAL in {:?}",
+                now - before,
+                start.elapsed()
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "slot stuck at {now}, server at {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(relay);
+    f.cleanup().await;
+}
+
+fn streaming(metrics: &str) -> Option<i64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("kafkify_cdc_relay_source_streaming{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_relay_takes_over_when_the_first_dies() {
+    let f = Fixture::new().await;
+    let first = f.relay().await;
+    // The first holds the slot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while streaming(&first.get("/metrics").await.1) != Some(1) {
+        assert!(Instant::now() < deadline, "first relay never streamed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = f.relay().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        streaming(&second.get("/metrics").await.1),
+        Some(0),
+        "the standby must not stream"
+    );
+
+    let killed = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-KILL", &first.pid().to_string()])
+        .status()
+        .unwrap();
+    drop(first);
+    while streaming(&second.get("/metrics").await.1) != Some(1) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no take-over within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let takeover = killed.elapsed();
+    eprintln!("take-over after {takeover:?}");
+
+    let row = created(Uuid::new_v4(), "after", 1);
+    insert(&f.db.owner().await, &row).await;
+    let got = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(30),
+        Duration::ZERO,
+        |r| !r.is_empty(),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].event_id(), row.0.to_string());
+    drop(second);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_events_are_dead_lettered_and_later_events_flow() {
+    let f = Fixture::new().await;
+    let relay = f.relay().await;
+    let owner = f.db.owner().await;
+    let bad_payload = (
+        Uuid::new_v4(),
+        "p1".to_string(),
+        "resource.created",
+        r#"{"name": 5}"#.to_string(),
+    );
+    let unknown_type = (
+        Uuid::new_v4(),
+        "p2".to_string(),
+        "resource.exploded",
+        "{}".to_string(),
+    );
+    let good = created(Uuid::new_v4(), "p3", 1);
+    for row in [&bad_payload, &unknown_type, &good] {
+        insert(&owner, row).await;
+    }
+    let topics = [
+        f.topic("resource.created"),
+        f.topic("resource.created.dlq"),
+        f.topic(cdc_relay::relay::UNKNOWN_EVENT_TYPE_DLQ),
+    ];
+    let got = consume(
+        &topics,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        |r| r.len() >= 3,
+    )
+    .await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    let by_id: HashMap<String, &Received> = got.iter().map(|r| (r.event_id(), r)).collect();
+
+    let dead = by_id[&bad_payload.0.to_string()];
+    assert_eq!(dead.topic, topics[1]);
+    assert_eq!(
+        dead.headers["dlq_reason"],
+        "$.resource_id: missing, and the schema has no default"
+    );
+    assert_eq!(
+        dead.raw,
+        bad_payload.3.as_bytes(),
+        "the payload is kept as written"
+    );
+
+    let unknown = by_id[&unknown_type.0.to_string()];
+    assert_eq!(unknown.topic, topics[2]);
+    assert_eq!(
+        unknown.headers["dlq_reason"],
+        "unknown event type `resource.exploded`"
+    );
+
+    assert_eq!(by_id[&good.0.to_string()].topic, topics[0]);
+    let (_, metrics) = relay.get("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "kafkify_cdc_relay_events_dead_lettered_total{{topic=\"{}\"}} 1",
+            topics[1]
+        )),
+        "{metrics}"
+    );
+    drop(relay);
+    f.cleanup().await;
+}
