@@ -67,7 +67,7 @@ pub struct Config {
     pub batch_max_events: u32,
 
     /// …or once its first event has waited this long.
-    #[arg(long, env = "RELAY_BATCH_LINGER", default_value = "20ms", value_parser = platform::config::parse_duration)]
+    #[arg(long, env = "RELAY_BATCH_LINGER", default_value = "5ms", value_parser = platform::config::parse_duration)]
     pub batch_linger: std::time::Duration,
 
     #[command(flatten)]
@@ -230,7 +230,7 @@ mod tests {
         assert!(parse(&["--topic-partitions", "0"]).is_err());
         assert_eq!(
             parse(&[]).unwrap().batch_linger,
-            std::time::Duration::from_millis(20)
+            std::time::Duration::from_millis(5)
         );
     }
 

@@ -34,6 +34,16 @@ impl Fixture {
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
+        self.env_with(&[])
+    }
+
+    fn env_with(&self, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+        let mut env = self.env_base();
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        env
+    }
+
+    fn env_base(&self) -> Vec<(&'static str, String)> {
         vec![
             ("DATABASE_URL", self.db.relay_dsn()),
             ("RELAY_SOURCES", self.db.name.clone()),
@@ -105,6 +115,8 @@ async fn insert(tx: &impl tokio_postgres::GenericClient, row: &(Uuid, String, &s
 #[derive(Debug, Clone)]
 struct Received {
     topic: String,
+    partition: i32,
+    offset: i64,
     key: String,
     headers: HashMap<String, String>,
     value: Option<Value>,
@@ -184,6 +196,8 @@ async fn consume(
                 };
                 out.push(Received {
                     topic: msg.topic().to_string(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
                     key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
                     headers,
                     value,
@@ -599,6 +613,55 @@ async fn poison_events_are_dead_lettered_and_later_events_flow() {
         )),
         "{metrics}"
     );
+    drop(relay);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_multi_event_transaction_is_one_kafka_transaction() {
+    // Batches are capped far below the transaction's size: a relay that split a Postgres
+    // transaction to honour the cap would commit it in several Kafka transactions.
+    let f = Fixture::new().await;
+    let mut relay = Service::spawn(BIN, &f.env_with(&[("RELAY_BATCH_MAX_EVENTS", "50")]));
+    relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+    let mut client = f.db.owner().await;
+    // A few small transactions around it, so it shares the partition with other commits.
+    insert(&client, &created(Uuid::new_v4(), "same-key", 1)).await;
+    let tx = client.transaction().await.unwrap();
+    for v in 2..=501 {
+        insert(&tx, &created(Uuid::new_v4(), "same-key", v)).await;
+    }
+    tx.commit().await.unwrap();
+    insert(&client, &created(Uuid::new_v4(), "same-key", 502)).await;
+
+    let got = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |r| r.len() >= 502,
+    )
+    .await;
+    assert_eq!(got.len(), 502);
+    let versions: Vec<i64> = got
+        .iter()
+        .map(|r| match r.field("version") {
+            Value::Long(v) => v,
+            _ => panic!(),
+        })
+        .collect();
+    assert_eq!(versions, (1..=502).collect::<Vec<_>>());
+    // One key, one partition. Every Kafka commit leaves a control record behind, which takes an
+    // offset that read_committed readers skip: the 500 records of the Postgres transaction sit
+    // at consecutive offsets only if no commit fell among them.
+    let big = &got[1..501];
+    assert!(big.iter().all(|r| r.partition == big[0].partition));
+    assert_eq!(
+        big[499].offset - big[0].offset,
+        499,
+        "a Kafka commit fell inside the Postgres transaction"
+    );
+    // …and the commits around it did leave their markers: the test can see a split.
+    assert!(big[0].offset - got[0].offset >= 2 || got[501].offset - big[499].offset >= 2);
     drop(relay);
     f.cleanup().await;
 }
