@@ -169,6 +169,61 @@ mod tests {
         assert_eq!(e.traceparent.as_deref(), Some("00-abc-def-01"));
     }
 
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The Relation and Insert messages PostgreSQL 15.18 sent for one outbox insert, captured
+    /// from a real replication stream (pgoutput, proto_version 1) of the `rest` migrations.
+    const CAPTURED_RELATION: &str = "520000497f7075626c6963006f7574626f785f6576656e7473006400070169640000000b86ffffffff006167677265676174655f747970650000000019ffffffff006167677265676174655f69640000000019ffffffff006576656e745f747970650000000019ffffffff007061796c6f61640000000edaffffffff007472616365706172656e740000000019ffffffff00637265617465645f617400000004a0ffffffff";
+    const CAPTURED_INSERT: &str = "490000497f4e0007740000002430623665316635352d376431632d346138652d396333662d35653262386630643461313174000000087265736f757263657400000004722d343274000000107265736f757263652e64656c6574656474000000657b2276657273696f6e223a20332c202264656c657465645f6174223a20313736343039373230303030303030302c20227265736f757263655f6964223a202230623665316635352d376431632d346138652d396333662d356532623866306434613131227d740000003730302d34626639326633353737623334646136613363653932396430653065343733362d303066303637616130626139303262372d30317400000016323032362d31312d32352031393a30303a30302b3030";
+
+    #[test]
+    fn captured_bytes_decode_to_the_outbox_row_and_encode() {
+        let Message::Relation(rel) = decode(&unhex(CAPTURED_RELATION)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (rel.oid, rel.name.as_str(), rel.columns.len()),
+            (18815, "outbox_events", 7)
+        );
+        assert_eq!(rel.columns[0].type_oid, 2950, "uuid");
+        assert_eq!(rel.columns[4].type_oid, 3802, "jsonb");
+        let Message::Insert { relation, new } = decode(&unhex(CAPTURED_INSERT)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(relation, rel.oid);
+        let event = OutboxColumns::of(&rel)
+            .unwrap()
+            .unwrap()
+            .event(&new)
+            .unwrap();
+        assert_eq!(
+            event,
+            OutboxEvent {
+                id: "0b6e1f55-7d1c-4a8e-9c3f-5e2b8f0d4a11".into(),
+                aggregate_type: "resource".into(),
+                aggregate_id: "r-42".into(),
+                event_type: "resource.deleted".into(),
+                // jsonb's own text form: keys reordered, spaces added.
+                payload: r#"{"version": 3, "deleted_at": 1764097200000000, "resource_id": "0b6e1f55-7d1c-4a8e-9c3f-5e2b8f0d4a11"}"#.into(),
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            }
+        );
+        let schema = schemas::schema("resource.deleted").unwrap();
+        let bytes =
+            crate::encode::encode_payload(&event.payload, crate::encode::SchemaId(3), &schema)
+                .unwrap();
+        let mut want = vec![0, 0, 0, 0, 3, 72];
+        want.extend_from_slice(b"0b6e1f55-7d1c-4a8e-9c3f-5e2b8f0d4a11");
+        want.push(6); // version 3
+        want.extend_from_slice(&[0x80, 0xb0, 0xa4, 0xaf, 0xfc, 0x9b, 0xa2, 0x06]); // deleted_at, zig-zag varint
+        assert_eq!(bytes, want);
+    }
+
     #[test]
     fn other_tables_and_bad_rows() {
         let mut other = relation();
