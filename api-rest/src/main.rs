@@ -1,8 +1,17 @@
 //! api-rest: the resources API over HTTP (actix-web), with its ops endpoints on the same port.
 
+mod error;
+mod metrics;
+mod model;
+mod openapi;
+mod routes;
+mod store;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use actix_web::dev::Service as _;
 use actix_web::http::header::ContentType;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use anyhow::Context;
@@ -10,6 +19,10 @@ use platform::config::CommonArgs;
 use platform::db::{Command, DatabaseArgs};
 use platform::ops::Readiness;
 use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, RequestLabels};
+use crate::routes::AppState;
 
 mod migrations {
     refinery::embed_migrations!("../sql/rest");
@@ -33,6 +46,14 @@ struct Config {
     #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
     http_workers: usize,
 
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
+    max_body_bytes: u64,
+
+    /// How long outbox rows and idempotency keys are kept before the pruner deletes them.
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = platform::config::parse_duration)]
+    outbox_retention: Duration,
+
     #[command(flatten)]
     db: DatabaseArgs,
 
@@ -43,6 +64,8 @@ struct Config {
 struct Ops {
     registry: Registry,
     readiness: Readiness,
+    metrics: Metrics,
+    pool: deadpool_postgres::Pool,
 }
 
 #[actix_web::main]
@@ -59,17 +82,72 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = platform::shutdown::token();
 
     let pool = platform::db::pool(&config.db)?;
+    let mut registry = platform::metrics::registry("api-rest");
+    let metrics = Metrics::register(&mut registry);
     let ops = web::Data::from(Arc::new(Ops {
-        registry: platform::metrics::registry("api-rest"),
+        registry,
         readiness: Readiness::new().check("database", platform::db::probe(&pool)),
+        metrics: metrics.clone(),
+        pool: pool.clone(),
     }));
+    let state = web::Data::new(AppState {
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        max_body: config.max_body_bytes as usize,
+    });
+    let openapi = web::Data::new(openapi::json());
 
     let mut server = HttpServer::new(move || {
+        let metrics = metrics.clone();
         App::new()
             .app_data(ops.clone())
+            .app_data(state.clone())
+            .app_data(openapi.clone())
+            .wrap_fn(move |req, srv| {
+                let started = Instant::now();
+                let metrics = metrics.clone();
+                let method = req.method().to_string();
+                metrics.in_flight.inc();
+                let fut = srv.call(req);
+                async move {
+                    let res = fut.await;
+                    metrics.in_flight.dec();
+                    if let Ok(res) = &res {
+                        let route = res
+                            .request()
+                            .match_pattern()
+                            .unwrap_or_else(|| "unmatched".into());
+                        let labels = RequestLabels {
+                            method,
+                            route,
+                            status: res.status().as_u16(),
+                        };
+                        metrics
+                            .requests
+                            .get_or_create(&labels)
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    res
+                }
+            })
+            .service(
+                web::resource("/api/v1/resources")
+                    .route(web::post().to(routes::create))
+                    .route(web::get().to(routes::list))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
+            .service(
+                web::resource("/api/v1/resources/{id}")
+                    .route(web::get().to(routes::get))
+                    .route(web::put().to(routes::replace))
+                    .route(web::delete().to(routes::delete))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
+            .route("/openapi.json", web::get().to(openapi_json))
             .route("/health", web::get().to(health))
             .route("/ready", web::get().to(ready))
-            .route("/metrics", web::get().to(metrics))
+            .route("/metrics", web::get().to(metrics_text))
+            .default_service(web::to(routes::not_found))
     })
     // Our own token decides when to stop, so SIGTERM handling is the same in every binary.
     .disable_signals()
@@ -83,14 +161,58 @@ async fn main() -> anyhow::Result<()> {
     let addr = server.addrs().first().copied();
     let server = server.run();
     let handle = server.handle();
-    actix_web::rt::spawn(async move {
-        shutdown.cancelled().await;
-        handle.stop(true).await;
+    actix_web::rt::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            // Graceful: stop accepting, let in-flight requests finish (up to SHUTDOWN_TIMEOUT).
+            handle.stop(true).await;
+        }
     });
+    actix_web::rt::spawn(prune_loop(pool, config.outbox_retention, shutdown.clone()));
     tracing::info!(addr = ?addr, database = %config.db.database_url, "api-rest listening");
     server.await.context("HTTP server failed")?;
     tracing::info!("api-rest stopped");
     Ok(())
+}
+
+/// Deletes outbox rows and idempotency keys older than the retention, once a minute.
+async fn prune_loop(
+    pool: deadpool_postgres::Pool,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
+        match platform::outbox::prune(&client, retention).await {
+            Ok(n) if n > 0 => tracing::info!(rows = n, "pruned outbox"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %platform::db::describe(&e), "outbox pruning failed"),
+        }
+        let secs = retention.as_secs_f64();
+        if let Err(e) = client
+            .execute(
+                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+                &[&secs],
+            )
+            .await
+        {
+            tracing::warn!(error = %platform::db::describe(&e), "idempotency key pruning failed");
+        }
+    }
+}
+
+async fn openapi_json(doc: web::Data<String>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(ContentType::json())
+        .body(doc.get_ref().clone())
 }
 
 async fn health() -> HttpResponse {
@@ -109,7 +231,8 @@ async fn ready(ops: web::Data<Ops>) -> HttpResponse {
     resp.content_type(ContentType::json()).body(body)
 }
 
-async fn metrics(ops: web::Data<Ops>) -> HttpResponse {
+async fn metrics_text(ops: web::Data<Ops>) -> HttpResponse {
+    ops.metrics.sample_pool(ops.pool.status());
     HttpResponse::Ok()
         .content_type(platform::metrics::CONTENT_TYPE)
         .body(platform::metrics::render(&ops.registry))

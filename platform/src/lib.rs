@@ -7,6 +7,7 @@ pub mod db;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
+pub mod outbox;
 #[cfg(feature = "registry")]
 pub mod registry;
 pub mod shutdown;

@@ -1,0 +1,107 @@
+//! api-rest's metrics (prefix `kafkify_api_rest_`).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    pub operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Histogram>,
+    pub in_flight: Gauge,
+    pub db: Family<OperationLabel, Histogram>,
+    pub pool: Family<PoolLabel, Gauge>,
+    pub pool_waiting: Gauge,
+    pub outbox_pruned: Counter,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // 0.25 ms … ~8 s
+    exponential_buckets(0.00025, 2.0, 16)
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            requests: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            in_flight: Gauge::default(),
+            db: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            pool: Family::default(),
+            pool_waiting: Gauge::default(),
+            outbox_pruned: Counter::default(),
+        };
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request duration by method, route pattern and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being served",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "db_transaction_duration_seconds",
+            "Database work per API operation, pool wait included",
+            m.db.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by state",
+            m.pool.clone(),
+        );
+        registry.register(
+            "db_pool_waiting",
+            "Requests waiting for a pooled connection",
+            m.pool_waiting.clone(),
+        );
+        registry.register(
+            "outbox_pruned",
+            "Outbox rows deleted by age",
+            m.outbox_pruned.clone(),
+        );
+        m
+    }
+
+    pub fn observe_db(&self, operation: &'static str, took: Duration) {
+        self.db
+            .get_or_create(&OperationLabel { operation })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Pool gauges are read at scrape time: they describe now, not the last request.
+    pub fn sample_pool(&self, status: deadpool_postgres::Status) {
+        let in_use = status.size.saturating_sub(status.available);
+        self.pool
+            .get_or_create(&PoolLabel { state: "in_use" })
+            .set(in_use as i64);
+        self.pool
+            .get_or_create(&PoolLabel { state: "idle" })
+            .set(status.available as i64);
+        self.pool
+            .get_or_create(&PoolLabel { state: "max" })
+            .set(status.max_size as i64);
+        self.pool_waiting.set(status.waiting as i64);
+    }
+}
