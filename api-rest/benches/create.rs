@@ -1,1 +1,227 @@
-fn main() {}
+//! `cargo bench -p api-rest --bench create [-- --clients N --seconds S]`
+//!
+//! Create throughput and latency of the real api-rest (release build) against the local stack's
+//! Postgres, next to pgbench running the same transaction (BEGIN; insert the resource; insert
+//! its outbox event; COMMIT) on the same database with the same number of clients. Then the
+//! API at half of its peak rate, open loop, for p95 latency. Prints numbers; asserts nothing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use test_support::service::Service;
+use test_support::{stack, Source, TestDb};
+
+const BIN: &str = env!("CARGO_BIN_EXE_api-rest");
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn body(i: usize) -> String {
+    serde_json::json!({
+        "name": format!("bench-{i}"),
+        "description": "x".repeat(200),
+        "attributes": {"source": "bench", "n": i.to_string()}
+    })
+    .to_string()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Closed loop: `clients` workers each sending creates back to back for `seconds`.
+async fn closed_loop(base: &str, clients: usize, seconds: u64) -> (f64, Vec<f64>, usize) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .unwrap();
+    let counter = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, url, counter, errors) = (
+            http.clone(),
+            format!("{base}/api/v1/resources"),
+            counter.clone(),
+            errors.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                let ok = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body(i))
+                    .send()
+                    .await
+                    .map(|r| r.status() == 201)
+                    .unwrap_or(false);
+                if ok {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (
+        all.len() as f64 / elapsed,
+        all,
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+/// Open loop: one create every 1/rate seconds, whatever the server's pace.
+async fn open_loop(base: &str, rate: f64, seconds: u64) -> (f64, Vec<f64>, usize) {
+    let http = reqwest::Client::new();
+    let url = format!("{base}/api/v1/resources");
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let n = (rate * seconds as f64) as usize;
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        tick.tick().await;
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let ok = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body(1_000_000 + i))
+                .send()
+                .await
+                .map(|r| r.status() == 201)
+                .unwrap_or(false);
+            ok.then(|| t.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(l) => lat.push(l),
+            None => errors += 1,
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (lat.len() as f64 / elapsed, lat, errors)
+}
+
+/// pgbench with the API's transaction, same clients and duration. Returns transactions/s.
+fn pgbench(db: &TestDb, clients: u64, seconds: u64) -> f64 {
+    let script = std::env::temp_dir().join(format!("kafkify-create-{}.sql", db.name));
+    std::fs::write(
+        &script,
+        r#"\set n random(1, 1000000000)
+BEGIN;
+INSERT INTO resources (id, name, description, attributes) VALUES (gen_random_uuid(), 'bench-' || :n, repeat('x', 200), jsonb_build_object('source', 'bench', 'n', :n::text)) RETURNING id, name, description, attributes, version, created_at, updated_at;
+INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, traceparent) VALUES (gen_random_uuid(), 'resource', 'k' || :n, 'resource.created', jsonb_build_object('resource_id', gen_random_uuid()::text, 'name', 'bench-' || :n, 'description', repeat('x', 200), 'attributes', jsonb_build_object('source', 'bench'), 'version', 1, 'created_at', 0), NULL);
+END;
+"#,
+    )
+    .unwrap();
+    let pg = "/usr/lib/postgresql/15/bin/pgbench";
+    let out = std::process::Command::new(pg)
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &stack().pg_port.to_string(),
+            "-U",
+            "kafkify_rest",
+        ])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .arg(&db.name)
+        .env("PGPASSWORD", stack().password("rest"))
+        .output()
+        .unwrap_or_else(|e| panic!("running {pg}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::main]
+async fn main() {
+    let clients = arg("--clients", 32) as usize;
+    let seconds = arg("--seconds", 10);
+    let db = TestDb::create(Source::Rest).await;
+    let mut api = Service::spawn(
+        BIN,
+        &[
+            ("DATABASE_URL", db.owner_dsn()),
+            ("LOG_LEVEL", "warn".into()),
+        ],
+    );
+    api.wait_for("/ready", 200, Duration::from_secs(30)).await;
+
+    // Warm-up: connections, prepared statements.
+    closed_loop(&api.base, clients, 2).await;
+    let (api_peak, lat, errors) = closed_loop(&api.base, clients, seconds).await;
+    let pg_tps = pgbench(&db, clients as u64, seconds);
+    let half = api_peak / 2.0;
+    let (half_rate, half_lat, half_errors) = open_loop(&api.base, half, seconds).await;
+
+    println!("api-rest create benchmark ({clients} clients, {seconds} s each, same database)");
+    println!(
+        "  api-rest closed loop: {api_peak:.0} creates/s, p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({errors} errors)",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.95),
+        percentile(&lat, 0.99)
+    );
+    println!("  pgbench, same transaction: {pg_tps:.0} tps");
+    println!("  api-rest / pgbench: {:.0}%", 100.0 * api_peak / pg_tps);
+    println!(
+        "  api-rest at half its peak ({half:.0}/s offered, {half_rate:.0}/s done): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({half_errors} errors)",
+        percentile(&half_lat, 0.5),
+        percentile(&half_lat, 0.95),
+        percentile(&half_lat, 0.99)
+    );
+    drop(api);
+    db.cleanup().await;
+}

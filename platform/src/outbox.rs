@@ -3,20 +3,32 @@
 
 use schemas::Event;
 
-/// Inserts `event` into `outbox_events`. The event id is a time-ordered UUID (v7), so ids sort
-/// roughly by creation, which keeps the primary key index append-mostly.
+const INSERT: &str =
+    "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, traceparent)
+                      VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// Inserts `event` into `outbox_events` (a cached prepared statement). The event id is a
+/// time-ordered UUID (v7), so ids sort roughly by creation and the primary key index stays
+/// append-mostly.
 pub async fn insert<E: Event>(
-    tx: &impl tokio_postgres::GenericClient,
+    tx: &deadpool_postgres::Transaction<'_>,
     event: &E,
     traceparent: Option<&str>,
 ) -> Result<uuid::Uuid, tokio_postgres::Error> {
     let id = uuid::Uuid::now_v7();
     // Serializing our own types cannot fail: they hold only strings, numbers and maps.
     let payload = serde_json::to_value(event).unwrap_or_default();
+    let stmt = tx.prepare_cached(INSERT).await?;
     tx.execute(
-        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&id, &E::AGGREGATE_TYPE, &event.aggregate_id(), &E::EVENT_TYPE, &payload, &traceparent],
+        &stmt,
+        &[
+            &id,
+            &E::AGGREGATE_TYPE,
+            &event.aggregate_id(),
+            &E::EVENT_TYPE,
+            &payload,
+            &traceparent,
+        ],
     )
     .await?;
     Ok(id)
