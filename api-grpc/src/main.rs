@@ -5,10 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use api_grpc::completions::{Completions, ConsumerMetrics};
+use api_grpc::pb;
+use api_grpc::service::{RpcMetrics, TaskService};
 use platform::config::CommonArgs;
 use platform::db::{Command, DatabaseArgs};
 use platform::kafka::KafkaArgs;
 use platform::ops::Readiness;
+use platform::registry::RegistryArgs;
 use tonic_health::ServingStatus;
 
 mod migrations {
@@ -36,12 +40,30 @@ struct Config {
     #[command(flatten)]
     db: DatabaseArgs,
 
+    /// Largest gRPC request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1024..=67_108_864))]
+    grpc_max_message_bytes: u64,
+
+    /// Prefix of the topic names (the completions topic is `<prefix>task.completed`).
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+
+    /// Consumer group of the task.completed consumer.
+    #[arg(long, env = "COMPLETIONS_GROUP", default_value = "kafkify-api-grpc")]
+    completions_group: String,
+
     #[command(flatten)]
     kafka: KafkaArgs,
 
     #[command(flatten)]
+    registry: RegistryArgs,
+
+    #[command(flatten)]
     common: CommonArgs,
 }
+
+/// The gRPC health service name of the task service.
+const TASK_SERVICE: &str = "kafkify.task.v1.TaskService";
 
 /// How often gRPC health follows the readiness checks.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -59,18 +81,48 @@ async fn main() -> anyhow::Result<()> {
     }
     let shutdown = platform::shutdown::token();
 
-    let registry = Arc::new(platform::metrics::registry("api-grpc"));
+    let mut registry = platform::metrics::registry("api-grpc");
+    let rpc_metrics = RpcMetrics::register(&mut registry);
+    let consumer_metrics = ConsumerMetrics::register(&mut registry);
+    let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
     let pool = platform::db::pool(&config.db)?;
     let readiness = Readiness::new()
         .check("database", platform::db::probe(&pool))
         .check(
             "kafka",
             config.kafka.probe("api-grpc").map_err(anyhow::Error::msg)?,
-        );
+        )
+        .check("schema registry", config.registry.probe());
+
+    let (changes, _) = tokio::sync::broadcast::channel(1024);
+    let service = TaskService {
+        pool: pool.clone(),
+        metrics: rpc_metrics,
+        changes: changes.clone(),
+    };
+    let completions = Arc::new(Completions {
+        pool: pool.clone(),
+        kafka: config.kafka.client_config("api-grpc"),
+        topic: format!("{}task.completed", config.topic_prefix),
+        group: config.completions_group.clone(),
+        registry_url: config.registry.schema_registry_url.0.clone(),
+        metrics: consumer_metrics,
+    });
+    let background = [
+        tokio::spawn(completions.run(shutdown.clone())),
+        tokio::spawn(api_grpc::service::listen(
+            config.db.database_url.clone(),
+            changes,
+            shutdown.clone(),
+        )),
+        tokio::spawn(pool_metrics.sample_every(pool.clone(), shutdown.clone())),
+    ];
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
 
@@ -88,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
                         let (ok, _) = readiness.run().await;
                         let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
                         reporter.set_service_status("", status).await;
+                        reporter.set_service_status(TASK_SERVICE, status).await;
                     }
                 }
             }
@@ -103,6 +156,11 @@ async fn main() -> anyhow::Result<()> {
     let grpc_addr = listener.local_addr()?;
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
+        .add_service(
+            pb::task_service_server::TaskServiceServer::new(service)
+                .max_decoding_message_size(config.grpc_max_message_bytes as usize)
+                .max_encoding_message_size(config.grpc_max_message_bytes as usize),
+        )
         .add_service(reflection)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
@@ -117,6 +175,9 @@ async fn main() -> anyhow::Result<()> {
     grpc.context("gRPC server failed")?;
     ops.context("ops server failed")?;
     let _ = health_loop.await;
+    for task in background {
+        let _ = task.await;
+    }
     tracing::info!("api-grpc stopped");
     Ok(())
 }

@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = platform::db::pool(&config.db)?;
     let mut registry = platform::metrics::registry("api-rest");
     let metrics = Metrics::register(&mut registry);
+    let pruned = metrics.outbox_pruned.clone();
     let ops = web::Data::from(Arc::new(Ops {
         registry,
         readiness: Readiness::new().check("database", platform::db::probe(&pool)),
@@ -169,7 +170,12 @@ async fn main() -> anyhow::Result<()> {
             handle.stop(true).await;
         }
     });
-    actix_web::rt::spawn(prune_loop(pool, config.outbox_retention, shutdown.clone()));
+    actix_web::rt::spawn(prune_loop(
+        pool,
+        config.outbox_retention,
+        pruned,
+        shutdown.clone(),
+    ));
     tracing::info!(addr = ?addr, database = %config.db.database_url, "api-rest listening");
     server.await.context("HTTP server failed")?;
     tracing::info!("api-rest stopped");
@@ -180,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
 async fn prune_loop(
     pool: deadpool_postgres::Pool,
     retention: Duration,
+    pruned: prometheus_client::metrics::counter::Counter,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -192,7 +199,10 @@ async fn prune_loop(
             continue;
         };
         match platform::outbox::prune(&client, retention).await {
-            Ok(n) if n > 0 => tracing::info!(rows = n, "pruned outbox"),
+            Ok(n) if n > 0 => {
+                pruned.inc_by(n);
+                tracing::info!(rows = n, "pruned outbox");
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %platform::db::describe(&e), "outbox pruning failed"),
         }
@@ -232,7 +242,7 @@ async fn ready(ops: web::Data<Ops>) -> HttpResponse {
 }
 
 async fn metrics_text(ops: web::Data<Ops>) -> HttpResponse {
-    ops.metrics.sample_pool(ops.pool.status());
+    ops.metrics.pool.sample(ops.pool.status());
     HttpResponse::Ok()
         .content_type(platform::metrics::CONTENT_TYPE)
         .body(platform::metrics::render(&ops.registry))

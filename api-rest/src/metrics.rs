@@ -21,18 +21,12 @@ pub struct OperationLabel {
     pub operation: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PoolLabel {
-    pub state: &'static str,
-}
-
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<RequestLabels, Histogram>,
     pub in_flight: Gauge,
     pub db: Family<OperationLabel, Histogram>,
-    pub pool: Family<PoolLabel, Gauge>,
-    pub pool_waiting: Gauge,
+    pub pool: platform::db::PoolMetrics,
     pub outbox_pruned: Counter,
 }
 
@@ -43,12 +37,11 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Metrics {
-        let m = Metrics {
+        let mut m = Metrics {
             requests: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             in_flight: Gauge::default(),
             db: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
-            pool: Family::default(),
-            pool_waiting: Gauge::default(),
+            pool: platform::db::PoolMetrics::default(),
             outbox_pruned: Counter::default(),
         };
         registry.register(
@@ -67,20 +60,11 @@ impl Metrics {
             m.db.clone(),
         );
         registry.register(
-            "db_pool_connections",
-            "Database pool connections by state",
-            m.pool.clone(),
-        );
-        registry.register(
-            "db_pool_waiting",
-            "Requests waiting for a pooled connection",
-            m.pool_waiting.clone(),
-        );
-        registry.register(
             "outbox_pruned",
             "Outbox rows deleted by age",
             m.outbox_pruned.clone(),
         );
+        m.pool = platform::db::PoolMetrics::register(registry);
         m
     }
 
@@ -88,20 +72,5 @@ impl Metrics {
         self.db
             .get_or_create(&OperationLabel { operation })
             .observe(took.as_secs_f64());
-    }
-
-    /// Pool gauges are read at scrape time: they describe now, not the last request.
-    pub fn sample_pool(&self, status: deadpool_postgres::Status) {
-        let in_use = status.size.saturating_sub(status.available);
-        self.pool
-            .get_or_create(&PoolLabel { state: "in_use" })
-            .set(in_use as i64);
-        self.pool
-            .get_or_create(&PoolLabel { state: "idle" })
-            .set(status.available as i64);
-        self.pool
-            .get_or_create(&PoolLabel { state: "max" })
-            .set(status.max_size as i64);
-        self.pool_waiting.set(status.waiting as i64);
     }
 }

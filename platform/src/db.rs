@@ -150,6 +150,64 @@ pub fn probe(pool: &Pool) -> impl Fn() -> crate::ops::CheckFuture + Send + Sync 
     }
 }
 
+/// Pool gauges: `db_pool_connections{state="in_use|idle|max"}` and `db_pool_waiting`.
+#[derive(Clone, Default)]
+pub struct PoolMetrics {
+    connections: prometheus_client::metrics::family::Family<
+        PoolState,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+    waiting: prometheus_client::metrics::gauge::Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PoolState {
+    state: &'static str,
+}
+
+impl PoolMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> PoolMetrics {
+        let m = PoolMetrics::default();
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by state",
+            m.connections.clone(),
+        );
+        registry.register(
+            "db_pool_waiting",
+            "Requests waiting for a pooled connection",
+            m.waiting.clone(),
+        );
+        m
+    }
+
+    pub fn sample(&self, status: deadpool_postgres::Status) {
+        let in_use = status.size.saturating_sub(status.available);
+        self.connections
+            .get_or_create(&PoolState { state: "in_use" })
+            .set(in_use as i64);
+        self.connections
+            .get_or_create(&PoolState { state: "idle" })
+            .set(status.available as i64);
+        self.connections
+            .get_or_create(&PoolState { state: "max" })
+            .set(status.max_size as i64);
+        self.waiting.set(status.waiting as i64);
+    }
+
+    /// Samples `pool` every two seconds until `shutdown`, for services whose `/metrics` is served
+    /// by [`crate::ops::router`].
+    pub async fn sample_every(self, pool: Pool, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.sample(pool.status()),
+            }
+        }
+    }
+}
+
 /// One direct connection, driven on a background task.
 pub async fn connect(url: &PgUrl) -> Result<tokio_postgres::Client, DbError> {
     let (client, connection) =

@@ -1,0 +1,203 @@
+//! Consumes `task.completed` (Avro through the registry, read_committed) and records each
+//! outcome. Offsets are committed only after the database commit, so a crash repeats at most
+//! an already-applied (idempotent) update. A record that cannot be decoded is logged, counted
+//! and passed over: the APIs never produce to Kafka, and blocking the partition on it would
+//! stop every later completion.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::Message;
+use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use tokio_util::sync::CancellationToken;
+
+use crate::store;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabel {
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    events: Family<OutcomeLabel, Counter>,
+    lag: Family<PartitionLabel, Gauge>,
+}
+
+impl ConsumerMetrics {
+    pub fn register(registry: &mut Registry) -> ConsumerMetrics {
+        let m = ConsumerMetrics {
+            events: Family::default(),
+            lag: Family::default(),
+        };
+        registry.register(
+            "completions",
+            "task.completed events by outcome: applied, duplicate (already final), unknown_task, undecodable",
+            m.events.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Records behind the end of each partition of task.completed",
+            m.lag.clone(),
+        );
+        m
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.events.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+}
+
+pub struct Completions {
+    pub pool: Pool,
+    pub kafka: rdkafka::ClientConfig,
+    pub topic: String,
+    pub group: String,
+    pub registry_url: String,
+    pub metrics: ConsumerMetrics,
+}
+
+impl Completions {
+    /// Runs until `shutdown`; a broken consumer is rebuilt with back-off.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(500);
+        while !shutdown.is_cancelled() {
+            match self.session(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "task.completed consumer failed")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let consumer: StreamConsumer = self
+            .kafka
+            .clone()
+            .set("group.id", &self.group)
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .create()?;
+        consumer.subscribe(&[&self.topic])?;
+        let decoder = AvroDecoder::new(SrSettings::new(self.registry_url.clone()));
+        let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = lag_tick.tick() => self.sample_lag(&consumer),
+                msg = consumer.recv() => {
+                    let msg = msg?;
+                    self.apply(&decoder, msg.payload(), shutdown).await;
+                    // Stored only now: the database already has the outcome.
+                    consumer.commit_message(&msg, CommitMode::Async)?;
+                }
+            }
+        }
+    }
+
+    /// Decodes and records one event, retrying the database (never skipping) until it answers.
+    async fn apply(
+        &self,
+        decoder: &AvroDecoder,
+        payload: Option<&[u8]>,
+        shutdown: &CancellationToken,
+    ) {
+        let event: schemas::TaskCompleted = match decoder.decode(payload).await {
+            Ok(decoded) => match apache_avro::from_value(&decoded.value) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.metrics.count("undecodable");
+                    tracing::error!(error = %e, "task.completed record does not match TaskCompleted; passed over");
+                    return;
+                }
+            },
+            Err(e) => {
+                self.metrics.count("undecodable");
+                tracing::error!(error = %e, "task.completed record is not Confluent Avro; passed over");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match store::complete(&self.pool, &event).await {
+                Ok(true) => return self.metrics.count("applied"),
+                Ok(false) => {
+                    // Either a duplicate or a task this database never had.
+                    let known = matches!(store::get(&self.pool, event.task_id).await, Ok(Some(_)));
+                    return self
+                        .metrics
+                        .count(if known { "duplicate" } else { "unknown_task" });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, task_id = %event.task_id, retry_in = ?backoff, "cannot record a completion; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn sample_lag(&self, consumer: &StreamConsumer) {
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        let positions: HashMap<(String, i32), i64> = positions
+            .elements()
+            .iter()
+            .filter_map(|e| Some(((e.topic().to_string(), e.partition()), e.offset().to_raw()?)))
+            .collect();
+        for e in assignment.elements() {
+            let Ok((_, high)) =
+                consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+            else {
+                continue;
+            };
+            let position = positions
+                .get(&(e.topic().to_string(), e.partition()))
+                .copied()
+                .unwrap_or(0)
+                .max(0);
+            let label = PartitionLabel {
+                topic: e.topic().to_string(),
+                partition: e.partition(),
+            };
+            self.metrics
+                .lag
+                .get_or_create(&label)
+                .set((high - position).max(0));
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! `TaskService`: checks every request before touching the database and maps each failure to
+//! the status code a client can act on. Database text never reaches a client.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use futures::Stream;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::pb;
+use crate::store::{self, StoreError};
+
+pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: &'static str,
+    code: String,
+}
+
+/// RPC metrics (prefix `kafkify_api_grpc_`).
+#[derive(Clone)]
+pub struct RpcMetrics {
+    duration: Family<RpcLabels, Histogram>,
+    in_flight: Gauge,
+}
+
+impl RpcMetrics {
+    pub fn register(registry: &mut Registry) -> RpcMetrics {
+        let m = RpcMetrics {
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+            }),
+            in_flight: Gauge::default(),
+        };
+        registry.register(
+            "rpc_duration_seconds",
+            "RPC duration by method and status code",
+            m.duration.clone(),
+        );
+        registry.register("rpcs_in_flight", "RPCs being served", m.in_flight.clone());
+        m
+    }
+
+    async fn track<T>(
+        &self,
+        method: &'static str,
+        f: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        self.in_flight.inc();
+        let out = f.await;
+        self.in_flight.dec();
+        let code = match &out {
+            Ok(_) => "OK".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        self.duration
+            .get_or_create(&RpcLabels { method, code })
+            .observe(started.elapsed().as_secs_f64());
+        out
+    }
+}
+
+pub struct TaskService {
+    pub pool: Pool,
+    pub metrics: RpcMetrics,
+    /// Ids of tasks that changed (from NOTIFY), for WatchTask.
+    pub changes: broadcast::Sender<Uuid>,
+}
+
+fn db_status(e: StoreError) -> Status {
+    match e {
+        StoreError::KeyReused(_) => Status::already_exists(e.to_string()),
+        StoreError::Db(cause) | StoreError::Pool(cause) => {
+            tracing::error!(%cause, "database failure");
+            Status::unavailable("the database is unavailable; retry later")
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(id).map_err(|_| Status::invalid_argument(format!("id `{id}` is not a UUID")))
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn to_pb(t: store::Task) -> pb::Task {
+    pb::Task {
+        id: t.id.to_string(),
+        r#type: t.task_type,
+        input: t.input,
+        status: match t.status {
+            store::Status::Pending => pb::TaskStatus::Pending,
+            store::Status::Completed => pb::TaskStatus::Completed,
+            store::Status::Failed => pb::TaskStatus::Failed,
+        } as i32,
+        result: t.result,
+        error: t.error,
+        created_at: Some(timestamp(t.created_at)),
+        updated_at: Some(timestamp(t.updated_at)),
+        completed_at: t.completed_at.map(timestamp),
+    }
+}
+
+/// Task types: 1–100 of a-z, 0-9, '.', '_' and '-'.
+fn valid_type(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 100
+        && t.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+fn traceparent<T>(req: &Request<T>) -> Option<String> {
+    let tp = req.metadata().get("traceparent")?.to_str().ok()?;
+    // Same rule as the REST API: a malformed header is dropped, not an error.
+    let parts: Vec<&str> = tp.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    (parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2))
+    .then(|| tp.to_string())
+}
+
+/// Page tokens: base64url of "<created_at micros>:<id>:<status filter>".
+fn page_token(t: &store::Task, status: i32) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+        "{}:{}:{status}",
+        t.created_at.timestamp_micros(),
+        t.id
+    ))
+}
+
+fn parse_page_token(token: &str, status: i32) -> Result<(DateTime<Utc>, Uuid), Status> {
+    let bad = || Status::invalid_argument("page_token is not a token this service returned");
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(text).map_err(|_| bad())?;
+    let mut parts = text.splitn(3, ':');
+    let micros: i64 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let id = parts
+        .next()
+        .and_then(|p| Uuid::parse_str(p).ok())
+        .ok_or_else(bad)?;
+    let filter: i32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    if filter != status {
+        return Err(Status::failed_precondition(
+            "page_token belongs to a listing with another status filter",
+        ));
+    }
+    Ok((
+        DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?,
+        id,
+    ))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::task_service_server::TaskService for TaskService {
+    async fn process_task(
+        &self,
+        req: Request<pb::ProcessTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let tp = traceparent(&req);
+        let r = req.into_inner();
+        self.metrics
+            .track("ProcessTask", async {
+                if !valid_type(&r.r#type) {
+                    return Err(Status::invalid_argument(
+                        "type must be 1–100 characters of a-z, 0-9, '.', '_' and '-'",
+                    ));
+                }
+                if r.input.len() > MAX_INPUT_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "input must be at most {MAX_INPUT_BYTES} bytes"
+                    )));
+                }
+                let input: serde_json::Value = serde_json::from_str(&r.input)
+                    .map_err(|e| Status::invalid_argument(format!("input is not JSON: {e}")))?;
+                if r.input.contains("\\u0000") {
+                    return Err(Status::invalid_argument(
+                        "input must not contain the NUL character",
+                    ));
+                }
+                let key = (!r.idempotency_key.is_empty()).then_some(r.idempotency_key.as_str());
+                if key.is_some_and(|k| {
+                    k.len() > 255 || !k.bytes().all(|b| (0x21..=0x7e).contains(&b))
+                }) {
+                    return Err(Status::invalid_argument(
+                        "idempotency_key must be 1–255 visible ASCII characters",
+                    ));
+                }
+                let task = store::create(&self.pool, &r.r#type, &input, key, tp.as_deref())
+                    .await
+                    .map_err(db_status)?;
+                Ok(Response::new(to_pb(task)))
+            })
+            .await
+    }
+
+    async fn get_task_status(
+        &self,
+        req: Request<pb::GetTaskStatusRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        self.metrics
+            .track("GetTaskStatus", async {
+                let id = parse_id(&req.get_ref().id)?;
+                match store::get(&self.pool, id).await.map_err(db_status)? {
+                    Some(t) => Ok(Response::new(to_pb(t))),
+                    None => Err(Status::not_found(format!("no task with id {id}"))),
+                }
+            })
+            .await
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        self.metrics
+            .track("ListTasks", async {
+                let r = req.into_inner();
+                let limit = match r.page_size {
+                    0 => DEFAULT_PAGE,
+                    n if (1..=MAX_PAGE as i32).contains(&n) => n as i64,
+                    n => {
+                        return Err(Status::invalid_argument(format!(
+                            "page_size must be 0–{MAX_PAGE}, got {n}"
+                        )))
+                    }
+                };
+                let status = match pb::TaskStatus::try_from(r.status) {
+                    Ok(pb::TaskStatus::Unspecified) => None,
+                    Ok(pb::TaskStatus::Pending) => Some(store::Status::Pending),
+                    Ok(pb::TaskStatus::Completed) => Some(store::Status::Completed),
+                    Ok(pb::TaskStatus::Failed) => Some(store::Status::Failed),
+                    Err(_) => {
+                        return Err(Status::invalid_argument(format!(
+                            "status {} is not a TaskStatus",
+                            r.status
+                        )))
+                    }
+                };
+                let after = match r.page_token.as_str() {
+                    "" => None,
+                    token => Some(parse_page_token(token, r.status)?),
+                };
+                let mut tasks = store::list(&self.pool, status, after, limit)
+                    .await
+                    .map_err(db_status)?;
+                let next_page_token = if tasks.len() as i64 > limit {
+                    tasks.truncate(limit as usize);
+                    tasks
+                        .last()
+                        .map(|t| page_token(t, r.status))
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                Ok(Response::new(pb::ListTasksResponse {
+                    tasks: tasks.into_iter().map(to_pb).collect(),
+                    next_page_token,
+                }))
+            })
+            .await
+    }
+
+    type WatchTaskStream = WatchStream;
+
+    async fn watch_task(
+        &self,
+        req: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let id = parse_id(&req.get_ref().id)?;
+        // Subscribe before the first read, so no change falls between them.
+        let mut changes = self.changes.subscribe();
+        let first = store::get(&self.pool, id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| Status::not_found(format!("no task with id {id}")))?;
+        let pool = self.pool.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = first.updated_at;
+            let done = first.status.is_final();
+            if tx.send(Ok(to_pb(first))).await.is_err() || done {
+                return;
+            }
+            loop {
+                // A NOTIFY for this task, or every second in case one was missed (another replica's
+                // listener reconnecting, a lagging subscriber).
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    changed = changes.recv() => match changed {
+                        Ok(changed) if changed != id => continue,
+                        _ => {}
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let task = match store::get(&pool, id).await {
+                    Ok(Some(t)) => t,
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(Status::not_found(format!(
+                                "task {id} no longer exists"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(db_status(e))).await;
+                        return;
+                    }
+                };
+                if task.updated_at != last {
+                    last = task.updated_at;
+                    let done = task.status.is_final();
+                    if tx.send(Ok(to_pb(task))).await.is_err() || done {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Forwards NOTIFYs on [`store::NOTIFY_CHANNEL`] to `changes`, reconnecting when the
+/// connection drops, until `shutdown`.
+pub async fn listen(
+    url: platform::db::PgUrl,
+    changes: broadcast::Sender<Uuid>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    while !shutdown.is_cancelled() {
+        let connected = url.config.connect(tokio_postgres::NoTls).await;
+        let (client, mut connection) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %platform::db::describe(&e), "task notifications: cannot connect; retrying");
+                tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(2)) => continue }
+            }
+        };
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let listen_sql = format!("LISTEN {}", store::NOTIFY_CHANNEL);
+        let listen = client.batch_execute(&listen_sql);
+        tokio::pin!(listen);
+        let mut listening = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = &mut listen, if !listening => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %platform::db::describe(&e), "task notifications: LISTEN failed");
+                        break;
+                    }
+                    listening = true;
+                }
+                m = messages.next() => match m {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                        if let Ok(id) = Uuid::parse_str(n.payload()) {
+                            let _ = changes.send(id);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+            }
+        }
+        tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_types() {
+        assert!(valid_type("checksum"));
+        assert!(valid_type("image.resize-v2_x"));
+        assert!(!valid_type(""));
+        assert!(!valid_type("Upper"));
+        assert!(!valid_type(&"a".repeat(101)));
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_keep_their_filter() {
+        let now = DateTime::<Utc>::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let t = store::Task {
+            id: Uuid::from_u128(5),
+            task_type: "t".into(),
+            input: "{}".into(),
+            status: store::Status::Pending,
+            result: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+        };
+        let token = page_token(&t, 1);
+        assert_eq!(parse_page_token(&token, 1).unwrap(), (now, t.id));
+        assert_eq!(
+            parse_page_token(&token, 2).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            parse_page_token("garbage!", 1).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

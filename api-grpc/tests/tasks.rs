@@ -1,0 +1,433 @@
+//! The task service against the real Postgres, Kafka and schema registry: every RPC and error
+//! code, what each call left in `tasks` and `outbox_events`, completion from `task.completed`
+//! (duplicates included) and WatchTask streaming.
+
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use api_grpc::pb::task_service_client::TaskServiceClient;
+use api_grpc::pb::{self, TaskStatus};
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use schema_registry_converter::async_impl::avro::AvroEncoder;
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+use test_support::service::{free_port, Service};
+use test_support::{consumer_group, stack, unique, Source, TestDb};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_api-grpc");
+
+struct Fixture {
+    db: TestDb,
+    service: Service,
+    client: TaskServiceClient<Channel>,
+    topic: String,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let db = TestDb::create(Source::Grpc).await;
+        let prefix = format!("{}.", unique("t"));
+        let topic = format!("{prefix}task.completed");
+        let admin = stack().kafka_admin();
+        admin
+            .create_topics(
+                &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        let port = free_port();
+        let mut service = Service::spawn(
+            BIN,
+            &[
+                ("DATABASE_URL", db.owner_dsn()),
+                ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+                ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+                ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+                ("TOPIC_PREFIX", prefix),
+                ("COMPLETIONS_GROUP", consumer_group("api-grpc")),
+                ("GRPC_MAX_MESSAGE_BYTES", "131072".into()),
+            ],
+        );
+        service
+            .wait_for("/ready", 200, Duration::from_secs(30))
+            .await;
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Fixture {
+            db,
+            service,
+            client: TaskServiceClient::new(channel),
+            topic,
+        }
+    }
+
+    async fn process(
+        &mut self,
+        task_type: &str,
+        input: &str,
+        key: &str,
+    ) -> Result<pb::Task, tonic::Status> {
+        let req = pb::ProcessTaskRequest {
+            r#type: task_type.into(),
+            input: input.into(),
+            idempotency_key: key.into(),
+        };
+        self.client.process_task(req).await.map(|r| r.into_inner())
+    }
+
+    async fn get(&mut self, id: &str) -> Result<pb::Task, tonic::Status> {
+        self.client
+            .get_task_status(pb::GetTaskStatusRequest { id: id.into() })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// (tasks, outbox events)
+    async fn counts(&self) -> (i64, i64) {
+        let c = self.db.owner().await;
+        let t: i64 = c
+            .query_one("SELECT count(*) FROM tasks", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let o: i64 = c
+            .query_one("SELECT count(*) FROM outbox_events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (t, o)
+    }
+
+    /// Publishes a task.completed record as the relay would: Confluent Avro, key = task id.
+    async fn complete(
+        &self,
+        task_id: &str,
+        status: &str,
+        result: Option<&str>,
+        error: Option<&str>,
+    ) {
+        let schema = schemas::schema_text("task.completed").unwrap().to_string();
+        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+            self.topic.clone(),
+            false,
+            SuppliedSchema::new(None, SchemaType::Avro, schema),
+        );
+        let encoder = AvroEncoder::new(SrSettings::new(stack().schema_registry_url.clone()));
+        let opt = |v: Option<&str>| match v {
+            Some(s) => Value::Union(1, Box::new(Value::String(s.into()))),
+            None => Value::Union(0, Box::new(Value::Null)),
+        };
+        let symbol = if status == "COMPLETED" { 0 } else { 1 };
+        let fields = vec![
+            (
+                "task_id",
+                Value::Uuid(uuid::Uuid::parse_str(task_id).unwrap()),
+            ),
+            ("status", Value::Enum(symbol, status.into())),
+            ("result", opt(result)),
+            ("error", opt(error)),
+            (
+                "completed_at",
+                Value::TimestampMicros(1_700_000_000_000_000),
+            ),
+        ];
+        let bytes = encoder.encode(fields, strategy).await.unwrap();
+        let producer: FutureProducer = stack().kafka_config().create().unwrap();
+        producer
+            .send(
+                FutureRecord::to(&self.topic).key(task_id).payload(&bytes),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+
+    async fn wait_status(&mut self, id: &str, want: TaskStatus) -> pb::Task {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = self.get(id).await.unwrap();
+            if t.status == want as i32 {
+                return t;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "task {id} still {:?}",
+                t.status
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stop(self) {
+        drop(self.service);
+        test_support::delete_topics(std::slice::from_ref(&self.topic)).await;
+        self.db.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_and_error_code() {
+    let mut f = Fixture::start().await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut req = tonic::Request::new(pb::ProcessTaskRequest {
+        r#type: "checksum".into(),
+        input: r#"{"n": 3}"#.into(),
+        idempotency_key: String::new(),
+    });
+    req.metadata_mut()
+        .insert("traceparent", tp.parse().unwrap());
+    let task = f.client.process_task(req).await.unwrap().into_inner();
+    assert_eq!(
+        (task.r#type.as_str(), task.status),
+        ("checksum", TaskStatus::Pending as i32)
+    );
+    assert_eq!(task.input, r#"{"n": 3}"#);
+    assert!(task.created_at.is_some() && task.completed_at.is_none());
+
+    let c = f.db.owner().await;
+    let rows = c
+        .query(
+            "SELECT event_type, aggregate_id, payload, traceparent FROM outbox_events",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let (event_type, key, payload, trace): (String, String, serde_json::Value, Option<String>) = (
+        rows[0].get(0),
+        rows[0].get(1),
+        rows[0].get(2),
+        rows[0].get(3),
+    );
+    assert_eq!(
+        (event_type.as_str(), key.as_str(), trace.as_deref()),
+        ("task.process", task.id.as_str(), Some(tp))
+    );
+    let event: schemas::TaskProcess = serde_json::from_value(payload).unwrap();
+    assert_eq!(
+        (event.task_id.to_string(), event.task_type.as_str()),
+        (task.id.clone(), "checksum")
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&event.input).unwrap(),
+        serde_json::json!({"n": 3})
+    );
+
+    assert_eq!(f.get(&task.id).await.unwrap(), task);
+    assert_eq!(
+        f.get(&uuid::Uuid::new_v4().to_string())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        f.get("nope").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    // Bad input writes nothing.
+    for (t, input) in [
+        ("", "{}"),
+        ("Bad Type", "{}"),
+        ("ok", "not json"),
+        ("ok", r#"{"a": "\u0000"}"#),
+    ] {
+        let err = f.process(t, input, "").await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{t} {input}: {err:?}");
+    }
+    let err = f
+        .process("ok", &format!("\"{}\"", "x".repeat(70_000)), "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = f
+        .process("ok", &format!("\"{}\"", "x".repeat(200_000)), "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "oversized message: {err:?}"
+    );
+    assert_eq!(f.counts().await, (1, 1));
+
+    // Idempotency.
+    let a = f.process("resize", r#"{"w": 1}"#, "req-1").await.unwrap();
+    let b = f
+        .process("resize", r#"{ "w" : 1 }"#, "req-1")
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+    assert_eq!(
+        f.process("resize", r#"{"w": 2}"#, "req-1")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        f.process("ok", "{}", "has space").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(f.counts().await, (2, 2));
+
+    // Listing.
+    for i in 0..5 {
+        f.process("bulk", &format!("{{\"i\": {i}}}"), "")
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = f
+            .client
+            .list_tasks(pb::ListTasksRequest {
+                page_size: 3,
+                page_token: token.clone(),
+                status: TaskStatus::Pending as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.tasks.into_iter().map(|t| t.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 7);
+    let mut sorted = seen.clone();
+    sorted.sort(); // v7 ids sort by creation time, as the listing does
+    assert_eq!(seen, sorted);
+    let first = f
+        .client
+        .list_tasks(pb::ListTasksRequest {
+            page_size: 3,
+            page_token: String::new(),
+            status: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = f
+        .client
+        .list_tasks(pb::ListTasksRequest {
+            page_size: 3,
+            page_token: first.next_page_token,
+            status: TaskStatus::Failed as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    for (size, tok, status) in [(-1, "", 0), (201, "", 0), (3, "garbage", 0), (3, "", 42)] {
+        let err = f
+            .client
+            .list_tasks(pb::ListTasksRequest {
+                page_size: size,
+                page_token: tok.into(),
+                status,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{size} {tok} {status}");
+    }
+
+    let (_, metrics) = f.service.get("/metrics").await;
+    assert!(metrics.contains(r#"kafkify_api_grpc_rpc_duration_seconds_count{method="ProcessTask",code="AlreadyExists"} 1"#), "{metrics}");
+    drop(c);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_from_kafka_reach_the_task_and_its_watchers() {
+    let mut f = Fixture::start().await;
+    let task = f.process("checksum", r#"{"n": 1}"#, "").await.unwrap();
+    let mut watch = f
+        .client
+        .watch_task(pb::WatchTaskRequest {
+            id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, TaskStatus::Pending as i32);
+
+    f.complete(&task.id, "COMPLETED", Some(r#"{"sum": 42}"#), None)
+        .await;
+    let done = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("watch saw the completion")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Completed as i32);
+    assert_eq!(done.result.as_deref(), Some(r#"{"sum": 42}"#));
+    assert!(done.completed_at.is_some());
+    assert!(
+        watch.message().await.unwrap().is_none(),
+        "the stream ends at a final status"
+    );
+
+    // A duplicated and a contradicting late event change nothing.
+    f.complete(&task.id, "COMPLETED", Some(r#"{"sum": 42}"#), None)
+        .await;
+    f.complete(&task.id, "FAILED", None, Some("late")).await;
+    let failing = f.process("checksum", r#"{"n": 2}"#, "").await.unwrap();
+    f.complete(&failing.id, "FAILED", None, Some("input too small"))
+        .await;
+    let failed = f.wait_status(&failing.id, TaskStatus::Failed).await;
+    assert_eq!(failed.error.as_deref(), Some("input too small"));
+    // The failing task's event came after the duplicates on the same… or another partition; wait
+    // for all four to be counted before comparing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, m) = f.service.get("/metrics").await;
+        let applied = m.contains(r#"kafkify_api_grpc_completions_total{outcome="applied"} 2"#);
+        let dup = m.contains(r#"kafkify_api_grpc_completions_total{outcome="duplicate"} 2"#);
+        if applied && dup {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        f.get(&task.id).await.unwrap(),
+        done,
+        "duplicates left the task as it was"
+    );
+
+    // Watching a finished task yields it once and ends.
+    let mut watch = f
+        .client
+        .watch_task(pb::WatchTaskRequest {
+            id: failing.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        TaskStatus::Failed as i32
+    );
+    assert!(watch.message().await.unwrap().is_none());
+    let err = f
+        .client
+        .watch_task(pb::WatchTaskRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    f.stop().await;
+}
