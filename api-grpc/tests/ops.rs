@@ -63,19 +63,35 @@ async fn grpc_health_follows_readiness() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await.unwrap();
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut responses = ServerReflectionClient::new(channel)
         .server_reflection_info(tokio_stream::iter(vec![request]))
         .await
         .unwrap()
         .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = responses.message().await.unwrap().unwrap().message_response else {
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
         panic!("not a service list")
     };
     let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     names.sort();
-    assert_eq!(names, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "kafkify.task.v1.TaskService"]);
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "kafkify.task.v1.TaskService"
+        ]
+    );
     drop(service);
     db.cleanup().await;
 }

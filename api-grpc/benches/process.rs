@@ -1,0 +1,223 @@
+//! `cargo bench -p api-grpc --bench process [-- --clients N --seconds S]`
+//!
+//! ProcessTask throughput and latency of the real api-grpc (release build) against the local
+//! stack, next to pgbench running the same transaction (BEGIN; insert the task; insert its
+//! outbox event; COMMIT) on the same database with the same number of clients; then api-grpc
+//! at half its peak rate, open loop, for p95. Prints numbers; asserts nothing.
+
+use std::time::{Duration, Instant};
+
+use api_grpc::pb::task_service_client::TaskServiceClient;
+use api_grpc::pb::ProcessTaskRequest;
+use test_support::service::{free_port, Service};
+use test_support::{stack, Source, TestDb};
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_api-grpc");
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn request(i: usize) -> ProcessTaskRequest {
+    ProcessTaskRequest {
+        r#type: "checksum".into(),
+        input: format!("{{\"n\": {i}, \"data\": \"{}\"}}", "x".repeat(200)),
+        idempotency_key: String::new(),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn channels(port: u16, n: usize) -> Vec<TaskServiceClient<Channel>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let ch = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        out.push(TaskServiceClient::new(ch));
+    }
+    out
+}
+
+async fn closed_loop(
+    clients: &[TaskServiceClient<Channel>],
+    workers: usize,
+    seconds: u64,
+) -> (f64, Vec<f64>, usize) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let mut client = clients[w % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors, mut i) = (Vec::new(), 0, w * 10_000_000);
+            while Instant::now() < deadline {
+                i += 1;
+                let t = Instant::now();
+                match client.process_task(request(i)).await {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (rate, all, errors)
+}
+
+async fn open_loop(
+    clients: &[TaskServiceClient<Channel>],
+    rate: f64,
+    seconds: u64,
+) -> (f64, Vec<f64>, usize) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let n = (rate * seconds as f64) as usize;
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        tick.tick().await;
+        let mut client = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            client
+                .process_task(request(900_000_000 + i))
+                .await
+                .ok()
+                .map(|_| t.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(l) => lat.push(l),
+            None => errors += 1,
+        }
+    }
+    let done = lat.len() as f64 / started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (done, lat, errors)
+}
+
+fn pgbench(db: &TestDb, clients: u64, seconds: u64) -> f64 {
+    let script = std::env::temp_dir().join(format!("kafkify-process-{}.sql", db.name));
+    std::fs::write(
+        &script,
+        r#"\set n random(1, 1000000000)
+BEGIN;
+INSERT INTO tasks (id, task_type, input, idempotency_key, created_at, updated_at) VALUES (gen_random_uuid(), 'checksum', jsonb_build_object('n', :n::bigint, 'data', repeat('x', 200)), NULL, now(), now()) RETURNING id, task_type, input::text, status, result::text, error, created_at, updated_at, completed_at;
+INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, traceparent) VALUES (gen_random_uuid(), 'task', 'k' || :n::text, 'task.process', jsonb_build_object('task_id', gen_random_uuid()::text, 'task_type', 'checksum', 'input', repeat('x', 220), 'created_at', 0), NULL);
+END;
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &stack().pg_port.to_string(),
+            "-U",
+            "kafkify_grpc",
+        ])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .arg(&db.name)
+        .env("PGPASSWORD", stack().password("grpc"))
+        .output()
+        .expect("pgbench runs");
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::main]
+async fn main() {
+    let workers = arg("--clients", 32) as usize;
+    let seconds = arg("--seconds", 10);
+    let db = TestDb::create(Source::Grpc).await;
+    let port = free_port();
+    let mut api = Service::spawn(
+        BIN,
+        &[
+            ("DATABASE_URL", db.owner_dsn()),
+            ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+            ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+            ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+            (
+                "TOPIC_PREFIX",
+                format!("{}.", test_support::unique("bench")),
+            ),
+            ("LOG_LEVEL", "warn".into()),
+        ],
+    );
+    api.wait_for("/ready", 200, Duration::from_secs(30)).await;
+    let clients = channels(port, 4).await;
+
+    closed_loop(&clients, workers, 2).await;
+    let (peak, lat, errors) = closed_loop(&clients, workers, seconds).await;
+    let pg_tps = pgbench(&db, workers as u64, seconds);
+    let half = peak / 2.0;
+    let (done, half_lat, half_errors) = open_loop(&clients, half, seconds).await;
+
+    println!("api-grpc ProcessTask benchmark ({workers} clients, {seconds} s each, same database)");
+    println!(
+        "  api-grpc closed loop: {peak:.0} tasks/s, p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({errors} errors)",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.95),
+        percentile(&lat, 0.99)
+    );
+    println!("  pgbench, same transaction: {pg_tps:.0} tps");
+    println!("  api-grpc / pgbench: {:.0}%", 100.0 * peak / pg_tps);
+    println!(
+        "  api-grpc at half its peak ({half:.0}/s offered, {done:.0}/s done): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({half_errors} errors)",
+        percentile(&half_lat, 0.5),
+        percentile(&half_lat, 0.95),
+        percentile(&half_lat, 0.99)
+    );
+    drop(api);
+    db.cleanup().await;
+}
