@@ -5,6 +5,25 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// A workspace binary built beside the running test (target/<profile>/<name>). Cargo gives a
+/// test only its own package's binaries; the pipeline tests need all four, which
+/// `cargo test --workspace` builds before any test runs.
+pub fn workspace_bin(name: &str) -> String {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build -p {name}` (or the whole workspace's tests)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use worker::consume::{Metrics, Worker};
+
 use anyhow::Context;
 use platform::config::CommonArgs;
 use platform::db::{Command, DatabaseArgs};
@@ -27,6 +29,27 @@ struct Config {
     /// Address of the /health, /ready and /metrics endpoints.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8092")]
     http_addr: SocketAddr,
+
+    /// Prefix of the topic names (e.g. `<prefix>task.process`).
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+
+    /// Consumer group; replicas share it, up to one per partition.
+    #[arg(long, env = "CONSUMER_GROUP", default_value = "kafkify-worker")]
+    consumer_group: String,
+
+    /// Cost of a `checksum` task: SHA-256 rounds over its input (load tests dial this).
+    #[arg(long, env = "TASK_ITERATIONS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    task_iterations: u32,
+
+    /// How long the group waits for a silent member before giving its partitions to another
+    /// (Kafka's default is 45 s: that long without processing after a crash).
+    #[arg(long, env = "CONSUMER_SESSION_TIMEOUT", default_value = "10s", value_parser = platform::config::parse_duration)]
+    consumer_session_timeout: std::time::Duration,
+
+    /// Records queued per partition before the reader waits.
+    #[arg(long, env = "LANE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    lane_capacity: u64,
 
     #[command(flatten)]
     db: DatabaseArgs,
@@ -54,7 +77,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let shutdown = platform::shutdown::token();
 
-    let registry = Arc::new(platform::metrics::registry("worker"));
+    let mut registry = platform::metrics::registry("worker");
+    let metrics = Metrics::register(&mut registry);
+    let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
     let pool = platform::db::pool(&config.db)?;
     let readiness = Readiness::new()
         .check("database", platform::db::probe(&pool))
@@ -64,10 +90,31 @@ async fn main() -> anyhow::Result<()> {
         )
         .check("schema registry", config.registry.probe());
 
+    let worker = Arc::new(Worker {
+        pool: pool.clone(),
+        kafka: {
+            let mut c = config.kafka.client_config("worker");
+            c.set(
+                "session.timeout.ms",
+                config.consumer_session_timeout.as_millis().to_string(),
+            );
+            c
+        },
+        group: config.consumer_group.clone(),
+        topic_prefix: config.topic_prefix.clone(),
+        registry_url: config.registry.schema_registry_url.0.clone(),
+        task_iterations: config.task_iterations,
+        lane_capacity: config.lane_capacity as usize,
+        metrics,
+    });
     let router = platform::ops::router(registry, readiness);
-    let (addr, server) = platform::ops::bind(config.http_addr, router, shutdown).await?;
-    tracing::info!(%addr, database = %config.db.database_url, "worker listening");
+    let (addr, server) = platform::ops::bind(config.http_addr, router, shutdown.clone()).await?;
+    tracing::info!(%addr, database = %config.db.database_url, group = %config.consumer_group, "worker listening");
+    let consumer = tokio::spawn(worker.run(shutdown.clone()));
+    let sampler = tokio::spawn(pool_metrics.sample_every(pool, shutdown));
     server.await.context("ops server failed")?;
+    consumer.await.context("the consumer panicked")?;
+    let _ = sampler.await;
     tracing::info!("worker stopped");
     Ok(())
 }

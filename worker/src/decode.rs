@@ -1,0 +1,219 @@
+//! From a Kafka record to a checked event, and the task computation. Pure: no I/O.
+
+use schemas::{Event, ResourceCreated, ResourceDeleted, ResourceUpdated, TaskProcess};
+use sha2::{Digest, Sha256};
+
+/// A decoded, checked event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    ResourceCreated(ResourceCreated),
+    ResourceUpdated(ResourceUpdated),
+    ResourceDeleted(ResourceDeleted),
+    TaskProcess(TaskProcess),
+}
+
+impl Decoded {
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Decoded::ResourceCreated(_) => ResourceCreated::EVENT_TYPE,
+            Decoded::ResourceUpdated(_) => ResourceUpdated::EVENT_TYPE,
+            Decoded::ResourceDeleted(_) => ResourceDeleted::EVENT_TYPE,
+            Decoded::TaskProcess(_) => TaskProcess::EVENT_TYPE,
+        }
+    }
+
+    /// The payload as JSON, for `processed_events.payload`.
+    pub fn payload(&self) -> serde_json::Value {
+        match self {
+            Decoded::ResourceCreated(e) => serde_json::to_value(e),
+            Decoded::ResourceUpdated(e) => serde_json::to_value(e),
+            Decoded::ResourceDeleted(e) => serde_json::to_value(e),
+            Decoded::TaskProcess(e) => serde_json::to_value(e),
+        }
+        .unwrap_or_default()
+    }
+}
+
+/// Why a record is poison: it goes to the dead-letter topic with this as its reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Poison {
+    #[error("not Confluent Avro: {0}")]
+    Framing(String),
+    #[error("unknown schema id: {0}")]
+    UnknownSchema(String),
+    #[error("undecodable body: {0}")]
+    Body(String),
+    #[error("header `{0}` is missing or malformed")]
+    Header(&'static str),
+    #[error("violates the domain rules: {0}")]
+    Domain(String),
+    #[error("no event type is read from topic `{0}`")]
+    Topic(String),
+}
+
+impl Poison {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Poison::Framing(_) => "framing",
+            Poison::UnknownSchema(_) => "unknown_schema",
+            Poison::Body(_) => "body",
+            Poison::Header(_) => "header",
+            Poison::Domain(_) => "domain",
+            Poison::Topic(_) => "topic",
+        }
+    }
+}
+
+/// Checks the Confluent framing (magic byte 0 and a 4-byte schema id) before the registry is
+/// asked anything; returns the schema id.
+pub fn schema_id(payload: Option<&[u8]>) -> Result<u32, Poison> {
+    match payload {
+        None => Err(Poison::Framing("empty record".into())),
+        Some(b) if b.len() < 5 => Err(Poison::Framing(format!(
+            "{} bytes is shorter than the 5-byte header",
+            b.len()
+        ))),
+        Some(b) if b[0] != 0 => Err(Poison::Framing(format!("magic byte is {}, not 0", b[0]))),
+        Some(b) => Ok(u32::from_be_bytes([b[1], b[2], b[3], b[4]])),
+    }
+}
+
+/// Turns a decoded Avro value into the event of `event_type` and checks its domain rules.
+pub fn event(event_type: &str, value: &apache_avro::types::Value) -> Result<Decoded, Poison> {
+    let body = |e: apache_avro::Error| Poison::Body(e.to_string());
+    let decoded = match event_type {
+        "resource.created" => {
+            Decoded::ResourceCreated(apache_avro::from_value(value).map_err(body)?)
+        }
+        "resource.updated" => {
+            Decoded::ResourceUpdated(apache_avro::from_value(value).map_err(body)?)
+        }
+        "resource.deleted" => {
+            Decoded::ResourceDeleted(apache_avro::from_value(value).map_err(body)?)
+        }
+        "task.process" => Decoded::TaskProcess(apache_avro::from_value(value).map_err(body)?),
+        other => return Err(Poison::Topic(other.to_string())),
+    };
+    let rule = |ok: bool, why: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(Poison::Domain(why.to_string()))
+        }
+    };
+    match &decoded {
+        Decoded::ResourceCreated(e) => {
+            rule(!e.name.is_empty(), "a resource needs a name")?;
+            rule(e.version == 1, "a created resource is at version 1")?;
+        }
+        Decoded::ResourceUpdated(e) => {
+            rule(!e.name.is_empty(), "a resource needs a name")?;
+            rule(e.version > 1, "an updated resource is past version 1")?;
+        }
+        Decoded::ResourceDeleted(e) => rule(e.version >= 1, "versions start at 1")?,
+        Decoded::TaskProcess(e) => {
+            rule(!e.task_type.is_empty(), "a task needs a type")?;
+            rule(
+                serde_json::from_str::<serde_json::Value>(&e.input).is_ok(),
+                "a task's input is JSON",
+            )?;
+        }
+    }
+    Ok(decoded)
+}
+
+/// The outcome of a task: `Ok(result JSON)` or `Err(why it failed)`.
+///
+/// `checksum`: SHA-256 of the input, re-hashed `iterations` times (the configurable cost load
+/// tests dial); `echo`: the input itself. Any other type fails, which is an outcome, not poison.
+pub fn run_task(task_type: &str, input: &str, iterations: u32) -> Result<String, String> {
+    match task_type {
+        "checksum" => {
+            let mut digest = Sha256::digest(input.as_bytes());
+            for _ in 1..iterations.max(1) {
+                digest = Sha256::digest(digest);
+            }
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            Ok(serde_json::json!({ "sha256": hex, "iterations": iterations.max(1) }).to_string())
+        }
+        "echo" => Ok(input.to_string()),
+        other => Err(format!("unknown task type `{other}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::types::Value;
+
+    #[test]
+    fn framing_is_checked_before_the_registry() {
+        assert_eq!(schema_id(Some(&[0, 0, 0, 1, 7, 9])), Ok(263));
+        assert!(
+            matches!(schema_id(Some(&[1, 0, 0, 0, 1])), Err(Poison::Framing(m)) if m == "magic byte is 1, not 0")
+        );
+        assert!(matches!(schema_id(Some(&[0, 0])), Err(Poison::Framing(_))));
+        assert!(matches!(schema_id(None), Err(Poison::Framing(_))));
+    }
+
+    fn task_value(task_type: &str, input: &str) -> Value {
+        Value::Record(vec![
+            (
+                "task_id".into(),
+                Value::String("00000000-0000-0000-0000-000000000001".into()),
+            ),
+            ("task_type".into(), Value::String(task_type.into())),
+            ("input".into(), Value::String(input.into())),
+            ("created_at".into(), Value::TimestampMicros(1)),
+        ])
+    }
+
+    #[test]
+    fn domain_rules() {
+        assert!(matches!(
+            event("task.process", &task_value("checksum", "{}")),
+            Ok(Decoded::TaskProcess(_))
+        ));
+        assert_eq!(
+            event("task.process", &task_value("", "{}"))
+                .unwrap_err()
+                .kind(),
+            "domain"
+        );
+        assert_eq!(
+            event("task.process", &task_value("x", "not json"))
+                .unwrap_err()
+                .kind(),
+            "domain"
+        );
+        assert_eq!(
+            event("resource.created", &task_value("x", "{}"))
+                .unwrap_err()
+                .kind(),
+            "body"
+        );
+        assert_eq!(
+            event("task.completed", &task_value("x", "{}"))
+                .unwrap_err()
+                .kind(),
+            "topic"
+        );
+    }
+
+    #[test]
+    fn tasks_are_deterministic() {
+        let a = run_task("checksum", "{\"n\":1}", 3).unwrap();
+        assert_eq!(a, run_task("checksum", "{\"n\":1}", 3).unwrap());
+        assert_ne!(a, run_task("checksum", "{\"n\":1}", 4).unwrap());
+        // SHA-256 of "abc", once.
+        assert!(run_task("checksum", "abc", 1)
+            .unwrap()
+            .contains("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"));
+        assert_eq!(run_task("echo", "[1]", 1).unwrap(), "[1]");
+        assert_eq!(
+            run_task("teleport", "{}", 1).unwrap_err(),
+            "unknown task type `teleport`"
+        );
+    }
+}

@@ -1,0 +1,444 @@
+//! The whole pipeline, every process real: api-rest and api-grpc write, cdc-relay publishes,
+//! the worker records and completes, api-grpc records completions. Each test has its own
+//! databases, topics and consumer groups.
+
+use std::time::{Duration, Instant};
+
+use api_grpc::pb::task_service_client::TaskServiceClient;
+use api_grpc::pb::{self, TaskStatus};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use test_support::service::{free_port, workspace_bin, Service};
+use test_support::{consumer_group, stack, unique, Source, TestDb};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+
+struct Pipeline {
+    rest_db: TestDb,
+    grpc_db: TestDb,
+    worker_db: TestDb,
+    prefix: String,
+    group: String,
+    relay: Service,
+    rest: Service,
+    grpc: Service,
+    worker: Option<Service>,
+    tasks: TaskServiceClient<tonic::transport::Channel>,
+}
+
+impl Pipeline {
+    async fn start() -> Pipeline {
+        let (rest_db, grpc_db, worker_db) = (
+            TestDb::create(Source::Rest).await,
+            TestDb::create(Source::Grpc).await,
+            TestDb::create(Source::Worker).await,
+        );
+        let prefix = format!("{}.", unique("t"));
+        let kafka = || ("KAFKA_BROKERS", stack().kafka_brokers.clone());
+        let registry = || ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone());
+        let mut relay = Service::spawn(
+            &workspace_bin("cdc-relay"),
+            &[
+                ("DATABASE_URL", rest_db.relay_dsn()),
+                (
+                    "RELAY_SOURCES",
+                    format!("{},{},{}", rest_db.name, grpc_db.name, worker_db.name),
+                ),
+                ("RELAY_TOPIC_PREFIX", prefix.clone()),
+                ("RELAY_CHECKPOINT_TOPIC", format!("{prefix}checkpoints")),
+                ("RELAY_TOPIC_PARTITIONS", "3".into()),
+                kafka(),
+                registry(),
+            ],
+        );
+        // Ready means the topics exist and the schemas are registered.
+        relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+        let mut rest = Service::spawn(
+            &workspace_bin("api-rest"),
+            &[("DATABASE_URL", rest_db.owner_dsn())],
+        );
+        let grpc_port = free_port();
+        let mut grpc = Service::spawn(
+            &workspace_bin("api-grpc"),
+            &[
+                ("DATABASE_URL", grpc_db.owner_dsn()),
+                ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
+                ("TOPIC_PREFIX", prefix.clone()),
+                ("COMPLETIONS_GROUP", consumer_group("api-grpc")),
+                kafka(),
+                registry(),
+            ],
+        );
+        rest.wait_for("/ready", 200, Duration::from_secs(30)).await;
+        grpc.wait_for("/ready", 200, Duration::from_secs(30)).await;
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let mut p = Pipeline {
+            rest_db,
+            grpc_db,
+            worker_db,
+            prefix,
+            group: consumer_group("worker"),
+            relay,
+            rest,
+            grpc,
+            worker: None,
+            tasks: TaskServiceClient::new(channel),
+        };
+        p.start_worker().await;
+        p
+    }
+
+    async fn start_worker(&mut self) {
+        let mut worker = Service::spawn(
+            WORKER,
+            &[
+                ("DATABASE_URL", self.worker_db.owner_dsn()),
+                ("TOPIC_PREFIX", self.prefix.clone()),
+                ("CONSUMER_GROUP", self.group.clone()),
+                ("TASK_ITERATIONS", "10".into()),
+                ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+                ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+            ],
+        );
+        worker
+            .wait_for("/ready", 200, Duration::from_secs(30))
+            .await;
+        self.worker = Some(worker);
+    }
+
+    fn kill_worker(&mut self) {
+        let w = self.worker.take().unwrap();
+        std::process::Command::new("kill")
+            .args(["-KILL", &w.pid().to_string()])
+            .status()
+            .unwrap();
+        drop(w);
+    }
+
+    async fn create_resource(&self, name: &str) -> String {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/api/v1/resources", self.rest.base))
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        resp.json::<serde_json::Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn process_task(&mut self, input: &str) -> pb::Task {
+        let req = pb::ProcessTaskRequest {
+            r#type: "checksum".into(),
+            input: input.into(),
+            idempotency_key: String::new(),
+        };
+        self.tasks.process_task(req).await.unwrap().into_inner()
+    }
+
+    async fn worker_count(&self, sql: &str) -> i64 {
+        self.worker_db
+            .owner()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn wait_count(&self, sql: &str, want: i64, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let n = self.worker_count(sql).await;
+            if n >= want {
+                assert_eq!(n, want, "{sql}");
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{sql}: {n} of {want} after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn stop(self) {
+        drop(self.worker);
+        drop(self.rest);
+        drop(self.grpc);
+        drop(self.relay);
+        let admin = stack().kafka_admin();
+        let md = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .unwrap();
+        let ours: Vec<String> = md
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|t| t.starts_with(&self.prefix))
+            .collect();
+        test_support::delete_topics(&ours).await;
+        self.rest_db.cleanup().await;
+        self.grpc_db.cleanup().await;
+        self.worker_db.cleanup().await;
+    }
+}
+
+async fn wait_task(
+    client: &mut TaskServiceClient<tonic::transport::Channel>,
+    id: &str,
+    limit: Duration,
+) -> pb::Task {
+    let start = Instant::now();
+    loop {
+        let t = client
+            .get_task_status(pb::GetTaskStatusRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if t.status != TaskStatus::Pending as i32 {
+            return t;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "task {id} still pending after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resource_reaches_the_worker_and_a_task_comes_back_completed() {
+    let mut p = Pipeline::start().await;
+    let id = p.create_resource("end to end").await;
+    p.wait_count(
+        &format!("SELECT count(*) FROM processed_events WHERE event_key = '{id}'"),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let c = p.worker_db.owner().await;
+    let row = c
+        .query_one(
+            "SELECT event_type, payload->>'name', topic FROM processed_events WHERE event_key = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let (event_type, name, topic): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (event_type.as_str(), name.as_str()),
+        ("resource.created", "end to end")
+    );
+    assert_eq!(topic, format!("{}resource.created", p.prefix));
+
+    let task = p.process_task(r#"{"n": 7}"#).await;
+    let done = wait_task(&mut p.tasks, &task.id, Duration::from_secs(60)).await;
+    assert_eq!(done.status, TaskStatus::Completed as i32, "{done:?}");
+    let result: serde_json::Value = serde_json::from_str(done.result.as_deref().unwrap()).unwrap();
+    // api-grpc hands the worker the input in serde_json's compact form.
+    let want: serde_json::Value =
+        serde_json::from_str(&worker::decode::run_task("checksum", r#"{"n":7}"#, 10).unwrap())
+            .unwrap();
+    assert_eq!(result, want, "the worker's own computation");
+    drop(c);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_the_worker_neither_loses_nor_doubles_an_effect() {
+    let mut p = Pipeline::start().await;
+    let mut resources = 0;
+    let mut tasks = Vec::new();
+    for round in 0..5 {
+        for i in 0..24 {
+            p.create_resource(&format!("r{round}-{i}")).await;
+            resources += 1;
+            if i % 4 == 0 {
+                tasks.push(
+                    p.process_task(&format!("{{\"round\": {round}, \"i\": {i}}}"))
+                        .await
+                        .id,
+                );
+            }
+        }
+        // Kill it while it is busy with what was just written, then bring it back.
+        tokio::time::sleep(Duration::from_millis(100 + 150 * round)).await;
+        p.kill_worker();
+        p.start_worker().await;
+    }
+    let events = resources + tasks.len() as i64;
+    p.wait_count(
+        "SELECT count(*) FROM processed_events",
+        events,
+        Duration::from_secs(120),
+    )
+    .await;
+    for id in &tasks {
+        let t = wait_task(&mut p.tasks, id, Duration::from_secs(60)).await;
+        assert_eq!(t.status, TaskStatus::Completed as i32);
+    }
+    // One completion per task in the worker's outbox: a redelivered task.process was not run
+    // twice.
+    assert_eq!(
+        p.worker_count("SELECT count(*) FROM outbox_events WHERE event_type = 'task.completed'")
+            .await,
+        tasks.len() as i64
+    );
+    assert_eq!(
+        p.worker_count("SELECT count(DISTINCT aggregate_id) FROM outbox_events")
+            .await,
+        tasks.len() as i64
+    );
+    eprintln!(
+        "{events} events and {} tasks across 5 SIGKILLs of the worker",
+        tasks.len()
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_goes_to_the_dlq_with_its_reason_and_later_events_flow() {
+    let mut p = Pipeline::start().await;
+    let topic = format!("{}task.process", p.prefix);
+    let producer: FutureProducer = stack().kafka_config().create().unwrap();
+    // A task.process record that decodes but breaks the domain rules: empty task type.
+    let schema_id: u32 = {
+        let url = format!(
+            "{}/subjects/{topic}-value/versions/latest",
+            stack().schema_registry_url
+        );
+        reqwest::get(url)
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap() as u32
+    };
+    let mut domain = vec![0];
+    domain.extend_from_slice(&schema_id.to_be_bytes());
+    let fields = [
+        (
+            "task_id",
+            apache_avro::types::Value::String("00000000-0000-0000-0000-000000000009".into()),
+        ),
+        (
+            "task_type",
+            apache_avro::types::Value::String(String::new()),
+        ),
+        ("input", apache_avro::types::Value::String("{}".into())),
+        ("created_at", apache_avro::types::Value::TimestampMicros(1)),
+    ];
+    let schema = schemas::schema("task.process").unwrap();
+    let value = apache_avro::types::Value::Record(
+        fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    );
+    apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .unwrap()
+        .write_value_ref(&mut domain, &value)
+        .unwrap();
+    let mut garbage = vec![0];
+    garbage.extend_from_slice(&schema_id.to_be_bytes());
+    garbage.extend_from_slice(&[0xff; 3]);
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "bad magic",
+            vec![7, 0, 0, 0, 1, 2],
+            "not Confluent Avro: magic byte is 7, not 0",
+        ),
+        (
+            "unknown id",
+            vec![0, 0x7f, 0xff, 0xff, 0xf0, 2],
+            "unknown schema id",
+        ),
+        ("garbage", garbage, "undecodable body"),
+        (
+            "domain",
+            domain,
+            "violates the domain rules: a task needs a type",
+        ),
+    ];
+    for (key, payload, _) in &cases {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "event_id",
+            value: Some(uuid::Uuid::new_v4().to_string().as_bytes()),
+        });
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key(*key)
+                    .payload(payload)
+                    .headers(headers),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    // A good task after them still completes.
+    let task = p.process_task(r#"{"after": "poison"}"#).await;
+    assert_eq!(
+        wait_task(&mut p.tasks, &task.id, Duration::from_secs(60))
+            .await
+            .status,
+        TaskStatus::Completed as i32
+    );
+
+    let consumer: StreamConsumer = stack()
+        .kafka_config()
+        .set("group.id", consumer_group("dlq"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    let mut reasons = std::collections::HashMap::new();
+    while reasons.len() < cases.len() {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("dead letters arrive")
+            .unwrap();
+        let h = msg.headers().unwrap();
+        let get = |k: &str| {
+            h.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(get("dlq_origin").as_deref(), Some("worker"));
+        assert_eq!(get("dlq_source_topic").as_deref(), Some(topic.as_str()));
+        reasons.insert(
+            String::from_utf8_lossy(msg.key().unwrap()).into_owned(),
+            get("dlq_reason").unwrap(),
+        );
+    }
+    for (key, _, reason) in &cases {
+        assert!(
+            reasons[*key].starts_with(reason),
+            "{key}: {}",
+            reasons[*key]
+        );
+    }
+    assert_eq!(
+        p.worker_count("SELECT count(*) FROM processed_events WHERE event_type = 'task.process'")
+            .await,
+        1,
+        "poison was not recorded"
+    );
+    p.stop().await;
+}
