@@ -95,15 +95,16 @@ impl Completions {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<(), rdkafka::error::KafkaError> {
-        let consumer: StreamConsumer = self
-            .kafka
-            .clone()
-            .set("group.id", &self.group)
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .create()?;
+        let consumer: Arc<StreamConsumer> = Arc::new(
+            self.kafka
+                .clone()
+                .set("group.id", &self.group)
+                .set("isolation.level", "read_committed")
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .create()?,
+        );
         consumer.subscribe(&[&self.topic])?;
         let decoder = AvroDecoder::new(SrSettings::new(self.registry_url.clone()));
         let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
@@ -111,7 +112,11 @@ impl Completions {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = lag_tick.tick() => self.sample_lag(&consumer),
+                // Watermark requests block their thread; the reader must not wait for them.
+                _ = lag_tick.tick() => {
+                    let (consumer, metrics) = (consumer.clone(), self.metrics.clone());
+                    tokio::task::spawn_blocking(move || sample_lag(&consumer, &metrics));
+                }
                 msg = consumer.recv() => {
                     let msg = msg?;
                     self.apply(&decoder, msg.payload(), shutdown).await;
@@ -166,38 +171,38 @@ impl Completions {
             }
         }
     }
+}
 
-    fn sample_lag(&self, consumer: &StreamConsumer) {
-        let Ok(assignment) = consumer.assignment() else {
-            return;
+fn sample_lag(consumer: &StreamConsumer, metrics: &ConsumerMetrics) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let positions: HashMap<(String, i32), i64> = positions
+        .elements()
+        .iter()
+        .filter_map(|e| Some(((e.topic().to_string(), e.partition()), e.offset().to_raw()?)))
+        .collect();
+    for e in assignment.elements() {
+        let Ok((_, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+        else {
+            continue;
         };
-        let Ok(positions) = consumer.position() else {
-            return;
+        let position = positions
+            .get(&(e.topic().to_string(), e.partition()))
+            .copied()
+            .unwrap_or(0)
+            .max(0);
+        let label = PartitionLabel {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
         };
-        let positions: HashMap<(String, i32), i64> = positions
-            .elements()
-            .iter()
-            .filter_map(|e| Some(((e.topic().to_string(), e.partition()), e.offset().to_raw()?)))
-            .collect();
-        for e in assignment.elements() {
-            let Ok((_, high)) =
-                consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
-            else {
-                continue;
-            };
-            let position = positions
-                .get(&(e.topic().to_string(), e.partition()))
-                .copied()
-                .unwrap_or(0)
-                .max(0);
-            let label = PartitionLabel {
-                topic: e.topic().to_string(),
-                partition: e.partition(),
-            };
-            self.metrics
-                .lag
-                .get_or_create(&label)
-                .set((high - position).max(0));
-        }
+        metrics
+            .lag
+            .get_or_create(&label)
+            .set((high - position).max(0));
     }
 }
