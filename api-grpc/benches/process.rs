@@ -9,23 +9,12 @@ use std::time::{Duration, Instant};
 
 use api_grpc::pb::task_service_client::TaskServiceClient;
 use api_grpc::pb::ProcessTaskRequest;
+use test_support::bench::{arg, percentile, pgbench};
 use test_support::service::{free_port, Service};
 use test_support::{stack, Source, TestDb};
 use tonic::transport::Channel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_api-grpc");
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
-}
 
 fn request(i: usize) -> ProcessTaskRequest {
     ProcessTaskRequest {
@@ -33,13 +22,6 @@ fn request(i: usize) -> ProcessTaskRequest {
         input: format!("{{\"n\": {i}, \"data\": \"{}\"}}", "x".repeat(200)),
         idempotency_key: String::new(),
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 async fn channels(port: u16, n: usize) -> Vec<TaskServiceClient<Channel>> {
@@ -123,56 +105,12 @@ async fn open_loop(
     (done, lat, errors)
 }
 
-fn pgbench(db: &TestDb, clients: u64, seconds: u64) -> f64 {
-    let script = std::env::temp_dir().join(format!("kafkify-process-{}.sql", db.name));
-    std::fs::write(
-        &script,
-        r#"\set n random(1, 1000000000)
+const PGBENCH_SCRIPT: &str = r#"\set n random(1, 1000000000)
 BEGIN;
 INSERT INTO tasks (id, task_type, input, idempotency_key, created_at, updated_at) VALUES (gen_random_uuid(), 'checksum', jsonb_build_object('n', :n::bigint, 'data', repeat('x', 200)), NULL, now(), now()) RETURNING id, task_type, input::text, status, result::text, error, created_at, updated_at, completed_at;
 INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, traceparent) VALUES (gen_random_uuid(), 'task', 'k' || :n::text, 'task.process', jsonb_build_object('task_id', gen_random_uuid()::text, 'task_type', 'checksum', 'input', repeat('x', 220), 'created_at', 0), NULL);
 END;
-"#,
-    )
-    .unwrap();
-    let out = std::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
-        .args([
-            "-n",
-            "-M",
-            "prepared",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &stack().pg_port.to_string(),
-            "-U",
-            "kafkify_grpc",
-        ])
-        .args([
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-T",
-            &seconds.to_string(),
-            "-f",
-        ])
-        .arg(&script)
-        .arg(&db.name)
-        .env("PGPASSWORD", stack().password("grpc"))
-        .output()
-        .expect("pgbench runs");
-    assert!(
-        out.status.success(),
-        "pgbench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
+"#;
 
 #[tokio::main]
 async fn main() {
@@ -199,7 +137,7 @@ async fn main() {
 
     closed_loop(&clients, workers, 2).await;
     let (peak, lat, errors) = closed_loop(&clients, workers, seconds).await;
-    let pg_tps = pgbench(&db, workers as u64, seconds);
+    let pg_tps = pgbench(&db, PGBENCH_SCRIPT, workers as u64, seconds);
     let half = peak / 2.0;
     let (done, half_lat, half_errors) = open_loop(&clients, half, seconds).await;
 

@@ -4,7 +4,6 @@
 //! and passed over: the APIs never produce to Kafka, and blocking the partition on it would
 //! stop every later completion.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +11,6 @@ use deadpool_postgres::Pool;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::Message;
@@ -27,16 +25,10 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PartitionLabel {
-    topic: String,
-    partition: i32,
-}
-
 #[derive(Clone)]
 pub struct ConsumerMetrics {
     events: Family<OutcomeLabel, Counter>,
-    lag: Family<PartitionLabel, Gauge>,
+    lag: platform::kafka::LagGauge,
 }
 
 impl ConsumerMetrics {
@@ -115,7 +107,7 @@ impl Completions {
                 // Watermark requests block their thread; the reader must not wait for them.
                 _ = lag_tick.tick() => {
                     let (consumer, metrics) = (consumer.clone(), self.metrics.clone());
-                    tokio::task::spawn_blocking(move || sample_lag(&consumer, &metrics));
+                    tokio::task::spawn_blocking(move || platform::kafka::sample_lag(&*consumer, &metrics.lag));
                 }
                 msg = consumer.recv() => {
                     let msg = msg?;
@@ -170,39 +162,5 @@ impl Completions {
                 }
             }
         }
-    }
-}
-
-fn sample_lag(consumer: &StreamConsumer, metrics: &ConsumerMetrics) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    let Ok(positions) = consumer.position() else {
-        return;
-    };
-    let positions: HashMap<(String, i32), i64> = positions
-        .elements()
-        .iter()
-        .filter_map(|e| Some(((e.topic().to_string(), e.partition()), e.offset().to_raw()?)))
-        .collect();
-    for e in assignment.elements() {
-        let Ok((_, high)) =
-            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
-        else {
-            continue;
-        };
-        let position = positions
-            .get(&(e.topic().to_string(), e.partition()))
-            .copied()
-            .unwrap_or(0)
-            .max(0);
-        let label = PartitionLabel {
-            topic: e.topic().to_string(),
-            partition: e.partition(),
-        };
-        metrics
-            .lag
-            .get_or_create(&label)
-            .set((high - position).max(0));
     }
 }

@@ -9,22 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use test_support::bench::{arg, percentile, pgbench};
 use test_support::service::Service;
-use test_support::{stack, Source, TestDb};
+use test_support::{Source, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_api-rest");
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
-}
 
 fn body(i: usize) -> String {
     serde_json::json!({
@@ -33,13 +22,6 @@ fn body(i: usize) -> String {
         "attributes": {"source": "bench", "n": i.to_string()}
     })
     .to_string()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Closed loop: `clients` workers each sending creates back to back for `seconds`.
@@ -133,58 +115,12 @@ async fn open_loop(base: &str, rate: f64, seconds: u64) -> (f64, Vec<f64>, usize
     (lat.len() as f64 / elapsed, lat, errors)
 }
 
-/// pgbench with the API's transaction, same clients and duration. Returns transactions/s.
-fn pgbench(db: &TestDb, clients: u64, seconds: u64) -> f64 {
-    let script = std::env::temp_dir().join(format!("kafkify-create-{}.sql", db.name));
-    std::fs::write(
-        &script,
-        r#"\set n random(1, 1000000000)
+const PGBENCH_SCRIPT: &str = r#"\set n random(1, 1000000000)
 BEGIN;
 INSERT INTO resources (id, name, description, attributes) VALUES (gen_random_uuid(), 'bench-' || :n, repeat('x', 200), jsonb_build_object('source', 'bench', 'n', :n::text)) RETURNING id, name, description, attributes, version, created_at, updated_at;
 INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, traceparent) VALUES (gen_random_uuid(), 'resource', 'k' || :n, 'resource.created', jsonb_build_object('resource_id', gen_random_uuid()::text, 'name', 'bench-' || :n, 'description', repeat('x', 200), 'attributes', jsonb_build_object('source', 'bench'), 'version', 1, 'created_at', 0), NULL);
 END;
-"#,
-    )
-    .unwrap();
-    let pg = "/usr/lib/postgresql/15/bin/pgbench";
-    let out = std::process::Command::new(pg)
-        .args([
-            "-n",
-            "-M",
-            "prepared",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &stack().pg_port.to_string(),
-            "-U",
-            "kafkify_rest",
-        ])
-        .args([
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-T",
-            &seconds.to_string(),
-            "-f",
-        ])
-        .arg(&script)
-        .arg(&db.name)
-        .env("PGPASSWORD", stack().password("rest"))
-        .output()
-        .unwrap_or_else(|e| panic!("running {pg}: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pgbench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text.lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
+"#;
 
 #[tokio::main]
 async fn main() {
@@ -203,7 +139,7 @@ async fn main() {
     // Warm-up: connections, prepared statements.
     closed_loop(&api.base, clients, 2).await;
     let (api_peak, lat, errors) = closed_loop(&api.base, clients, seconds).await;
-    let pg_tps = pgbench(&db, clients as u64, seconds);
+    let pg_tps = pgbench(&db, PGBENCH_SCRIPT, clients as u64, seconds);
     let half = api_peak / 2.0;
     let (half_rate, half_lat, half_errors) = open_loop(&api.base, half, seconds).await;
 

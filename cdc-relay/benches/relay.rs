@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::Message;
+use test_support::bench::percentile;
 use test_support::service::Service;
 use test_support::{consumer_group, stack, unique, Source, TestDb};
 
@@ -105,13 +106,6 @@ fn now_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as i64
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Reads `topic` (from its start, or from its current end) until `n` records arrived; returns
@@ -329,18 +323,7 @@ async fn main() {
     );
     println!("  relay peak RSS {rss:.1} MiB");
 
-    let admin = stack().kafka_admin();
-    let md = admin
-        .inner()
-        .fetch_metadata(None, Duration::from_secs(5))
-        .unwrap();
-    let ours: Vec<String> = md
-        .topics()
-        .iter()
-        .map(|t| t.name().to_string())
-        .filter(|t| t.starts_with(&prefix))
-        .collect();
-    test_support::delete_topics(&ours).await;
+    test_support::delete_topics_with_prefix(&prefix).await;
     drop(owner);
     drop(relay_sql);
     db.cleanup().await;

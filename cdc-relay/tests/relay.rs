@@ -71,18 +71,7 @@ impl Fixture {
     }
 
     async fn cleanup(self) {
-        let admin = stack().kafka_admin();
-        let md = admin
-            .inner()
-            .fetch_metadata(None, Duration::from_secs(5))
-            .unwrap();
-        let ours: Vec<String> = md
-            .topics()
-            .iter()
-            .map(|t| t.name().to_string())
-            .filter(|t| t.starts_with(&self.prefix))
-            .collect();
-        test_support::delete_topics(&ours).await;
+        test_support::delete_topics_with_prefix(&self.prefix).await;
         self.db.cleanup().await;
     }
 }

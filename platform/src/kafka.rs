@@ -2,8 +2,14 @@
 
 use std::time::Duration;
 
+use std::collections::HashMap;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::Consumer;
 use rdkafka::ClientConfig;
 
 use crate::config::Brokers;
@@ -62,4 +68,50 @@ pub async fn ping(admin: std::sync::Arc<AdminClient<DefaultClientContext>>) -> R
     })
     .await
     .map_err(|e| format!("metadata task failed: {e}"))?
+}
+
+/// Labels of the per-partition consumer lag gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// Consumer lag per assigned partition: records between the consumer's position and the end.
+pub type LagGauge = Family<PartitionLabel, Gauge>;
+
+/// Sets `lag` for every partition assigned to `consumer`. Watermark requests block, so call
+/// it from a blocking thread (`spawn_blocking`), never from the task reading records.
+pub fn sample_lag<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    lag: &LagGauge,
+) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let positions: HashMap<(String, i32), i64> = positions
+        .elements()
+        .iter()
+        .filter_map(|e| Some(((e.topic().to_string(), e.partition()), e.offset().to_raw()?)))
+        .collect();
+    for e in assignment.elements() {
+        let Ok((_, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+        else {
+            continue;
+        };
+        let position = positions
+            .get(&(e.topic().to_string(), e.partition()))
+            .copied()
+            .unwrap_or(0)
+            .max(0);
+        let label = PartitionLabel {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
+        };
+        lag.get_or_create(&label).set((high - position).max(0));
+    }
 }

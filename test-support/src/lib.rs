@@ -15,6 +15,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use uuid::Uuid;
 
+pub mod bench;
 pub mod service;
 
 mod migrations {
@@ -293,6 +294,21 @@ pub async fn delete_topics(names: &[String]) {
         .kafka_admin()
         .delete_topics(&names, &AdminOptions::new())
         .await;
+}
+
+/// Deletes every topic whose name starts with `prefix` (a test's or benchmark's namespace).
+pub async fn delete_topics_with_prefix(prefix: &str) {
+    let admin = stack().kafka_admin();
+    let Ok(md) = admin.inner().fetch_metadata(None, Duration::from_secs(5)) else {
+        return;
+    };
+    let ours: Vec<String> = md
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|t| t.starts_with(prefix))
+        .collect();
+    delete_topics(&ours).await;
 }
 
 /// A consumer group id no other test uses.

@@ -19,7 +19,6 @@ use deadpool_postgres::Pool;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -46,12 +45,6 @@ struct TopicLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PartitionLabel {
-    topic: String,
-    partition: i32,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DlqLabels {
     topic: String,
     reason: &'static str,
@@ -63,7 +56,7 @@ pub struct Metrics {
     processed: Family<OutcomeLabels, Counter>,
     duration: Family<TopicLabel, Histogram>,
     dead_lettered: Family<DlqLabels, Counter>,
-    lag: Family<PartitionLabel, Gauge>,
+    lag: platform::kafka::LagGauge,
 }
 
 impl Metrics {
@@ -177,7 +170,7 @@ impl Worker {
                 // Watermark requests block their thread; the reader must not wait for them.
                 _ = lag_tick.tick() => {
                     let (consumer, metrics) = (consumer.clone(), self.metrics.clone());
-                    tokio::task::spawn_blocking(move || sample_lag(&consumer, &metrics));
+                    tokio::task::spawn_blocking(move || platform::kafka::sample_lag(&*consumer, &metrics.lag));
                 }
                 msg = consumer.recv() => {
                     let msg = match msg {
@@ -214,40 +207,6 @@ impl Worker {
         }
         let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
         result
-    }
-}
-
-fn sample_lag(consumer: &StreamConsumer, metrics: &Metrics) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    let Ok(positions) = consumer.position() else {
-        return;
-    };
-    let positions: HashMap<(String, i32), i64> = positions
-        .elements()
-        .iter()
-        .filter_map(|e| Some(((e.topic().to_string(), e.partition()), e.offset().to_raw()?)))
-        .collect();
-    for e in assignment.elements() {
-        let Ok((_, high)) =
-            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
-        else {
-            continue;
-        };
-        let position = positions
-            .get(&(e.topic().to_string(), e.partition()))
-            .copied()
-            .unwrap_or(0)
-            .max(0);
-        let label = PartitionLabel {
-            topic: e.topic().to_string(),
-            partition: e.partition(),
-        };
-        metrics
-            .lag
-            .get_or_create(&label)
-            .set((high - position).max(0));
     }
 }
 

@@ -176,18 +176,7 @@ impl Pipeline {
         drop(self.rest);
         drop(self.grpc);
         drop(self.relay);
-        let admin = stack().kafka_admin();
-        let md = admin
-            .inner()
-            .fetch_metadata(None, Duration::from_secs(5))
-            .unwrap();
-        let ours: Vec<String> = md
-            .topics()
-            .iter()
-            .map(|t| t.name().to_string())
-            .filter(|t| t.starts_with(&self.prefix))
-            .collect();
-        test_support::delete_topics(&ours).await;
+        test_support::delete_topics_with_prefix(&self.prefix).await;
         self.rest_db.cleanup().await;
         self.grpc_db.cleanup().await;
         self.worker_db.cleanup().await;

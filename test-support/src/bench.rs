@@ -1,0 +1,69 @@
+//! What the benchmarks share: arguments, percentiles, and pgbench as the baseline.
+
+use crate::{stack, TestDb};
+
+/// `--name N` from the command line, or `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+        .unwrap_or(default)
+}
+
+/// The `p` quantile (0–1) of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs pgbench with `script` against `db` as its owning role, `clients` connections for
+/// `seconds`, prepared statements; returns transactions per second.
+pub fn pgbench(db: &TestDb, script: &str, clients: u64, seconds: u64) -> f64 {
+    let path = std::env::temp_dir().join(format!("kafkify-pgbench-{}.sql", db.name));
+    std::fs::write(&path, script).unwrap();
+    let role = db.source.role();
+    let out = std::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &stack().pg_port.to_string(),
+        ])
+        .args([
+            "-U",
+            &format!("kafkify_{role}"),
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(&path)
+        .arg(&db.name)
+        .env("PGPASSWORD", stack().password(role))
+        .output()
+        .expect("pgbench runs (package postgresql)");
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
