@@ -40,6 +40,9 @@ struct Config {
     #[command(flatten)]
     db: DatabaseArgs,
 
+    #[command(flatten)]
+    retention: platform::outbox::RetentionArgs,
+
     /// Largest gRPC request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1024..=67_108_864))]
     grpc_max_message_bytes: u64,
@@ -85,6 +88,12 @@ async fn main() -> anyhow::Result<()> {
     let rpc_metrics = RpcMetrics::register(&mut registry);
     let consumer_metrics = ConsumerMetrics::register(&mut registry);
     let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
+    let pruned = prometheus_client::metrics::counter::Counter::default();
+    registry.register(
+        "outbox_pruned",
+        "Outbox rows deleted by age",
+        pruned.clone(),
+    );
     let registry = Arc::new(registry);
     let pool = platform::db::pool(&config.db)?;
     let readiness = Readiness::new()
@@ -117,6 +126,12 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )),
         tokio::spawn(pool_metrics.sample_every(pool.clone(), shutdown.clone())),
+        tokio::spawn(platform::outbox::prune_every_minute(
+            pool.clone(),
+            config.retention.outbox_retention,
+            pruned,
+            shutdown.clone(),
+        )),
     ];
 
     let (reporter, health_service) = tonic_health::server::health_reporter();

@@ -50,9 +50,8 @@ struct Config {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
     max_body_bytes: u64,
 
-    /// How long outbox rows and idempotency keys are kept before the pruner deletes them.
-    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = platform::config::parse_duration)]
-    outbox_retention: Duration,
+    #[command(flatten)]
+    retention: platform::outbox::RetentionArgs,
 
     #[command(flatten)]
     db: DatabaseArgs,
@@ -170,23 +169,25 @@ async fn main() -> anyhow::Result<()> {
             handle.stop(true).await;
         }
     });
-    actix_web::rt::spawn(prune_loop(
-        pool,
-        config.outbox_retention,
+    let retention = config.retention.outbox_retention;
+    actix_web::rt::spawn(platform::outbox::prune_every_minute(
+        pool.clone(),
+        retention,
         pruned,
         shutdown.clone(),
     ));
+    actix_web::rt::spawn(prune_idempotency_keys(pool, retention, shutdown.clone()));
     tracing::info!(addr = ?addr, database = %config.db.database_url, "api-rest listening");
     server.await.context("HTTP server failed")?;
     tracing::info!("api-rest stopped");
     Ok(())
 }
 
-/// Deletes outbox rows and idempotency keys older than the retention, once a minute.
-async fn prune_loop(
+/// Deletes idempotency keys older than the retention, once a minute (outbox rows are pruned by
+/// the shared pruner).
+async fn prune_idempotency_keys(
     pool: deadpool_postgres::Pool,
     retention: Duration,
-    pruned: prometheus_client::metrics::counter::Counter,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -198,14 +199,6 @@ async fn prune_loop(
         let Ok(client) = pool.get().await else {
             continue;
         };
-        match platform::outbox::prune(&client, retention).await {
-            Ok(n) if n > 0 => {
-                pruned.inc_by(n);
-                tracing::info!(rows = n, "pruned outbox");
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %platform::db::describe(&e), "outbox pruning failed"),
-        }
         let secs = retention.as_secs_f64();
         if let Err(e) = client
             .execute(

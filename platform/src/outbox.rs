@@ -57,3 +57,39 @@ pub async fn prune(
         }
     }
 }
+
+/// Prunes once a minute until `shutdown`; `pruned` counts the rows deleted.
+pub async fn prune_every_minute(
+    pool: deadpool_postgres::Pool,
+    retention: std::time::Duration,
+    pruned: prometheus_client::metrics::counter::Counter,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
+        match prune(&client, retention).await {
+            Ok(0) => {}
+            Ok(n) => {
+                pruned.inc_by(n);
+                tracing::info!(rows = n, "pruned outbox");
+            }
+            Err(e) => tracing::warn!(error = %crate::db::describe(&e), "outbox pruning failed"),
+        }
+    }
+}
+
+/// `OUTBOX_RETENTION`: how long outbox rows are kept.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RetentionArgs {
+    /// How long outbox rows are kept before the pruner deletes them (the relay reads the WAL,
+    /// so this is only for operators looking back).
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = crate::config::parse_duration)]
+    pub outbox_retention: std::time::Duration,
+}
