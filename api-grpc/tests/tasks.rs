@@ -431,3 +431,42 @@ async fn completions_from_kafka_reach_the_task_and_its_watchers() {
     assert_eq!(err.code(), Code::NotFound);
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_is_honoured_and_leaves_nothing_behind() {
+    let mut f = Fixture::start().await;
+    // Hold the tasks table so ProcessTask cannot finish in time.
+    let mut blocker = f.db.owner().await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE tasks IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(pb::ProcessTaskRequest {
+        r#type: "slow".into(),
+        input: "{}".into(),
+        idempotency_key: String::new(),
+    });
+    req.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let err = f.client.process_task(req).await.unwrap_err();
+    // tonic's client reports its own expiry as CANCELLED; the server's would be DEADLINE_EXCEEDED.
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    tx.rollback().await.unwrap();
+    // Had the server gone on with the call, its insert would commit now that the lock is gone.
+    // It dropped the call with the deadline: its transaction rolled back, no task, no event.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.counts().await, (0, 0));
+    // And the service still works.
+    f.process("ok", "{}", "").await.unwrap();
+    assert_eq!(f.counts().await, (1, 1));
+    drop(blocker);
+    f.stop().await;
+}
