@@ -117,6 +117,22 @@ async fn main() {
     let workers = arg("--clients", 32) as usize;
     let seconds = arg("--seconds", 10);
     let db = TestDb::create(Source::Grpc).await;
+    let prefix = format!("{}.", test_support::unique("bench"));
+    // The completions topic exists in any real deployment; a consumer subscribed to a missing
+    // topic keeps asking the broker for its metadata, which would load the machine under test.
+    let admin = stack().kafka_admin();
+    let topic = format!("{prefix}task.completed");
+    admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &topic,
+                1,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap();
     let port = free_port();
     let mut api = Service::spawn(
         BIN,
@@ -157,5 +173,6 @@ async fn main() {
         percentile(&half_lat, 0.99)
     );
     drop(api);
+    test_support::delete_topics_with_prefix(&prefix).await;
     db.cleanup().await;
 }
