@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use api_grpc::pb::task_service_client::TaskServiceClient;
 use api_grpc::pb::ProcessTaskRequest;
-use test_support::bench::{arg, percentile, pgbench};
+use test_support::bench::{arg, pgbench, report_against_pgbench, Run};
 use test_support::service::{free_port, Service};
 use test_support::{stack, Source, TestDb};
 use tonic::transport::Channel;
@@ -152,25 +152,27 @@ async fn main() {
     let clients = channels(port, 4).await;
 
     closed_loop(&clients, workers, 2).await;
-    let (peak, lat, errors) = closed_loop(&clients, workers, seconds).await;
+    let (rate, latencies_ms, errors) = closed_loop(&clients, workers, seconds).await;
+    let peak = Run {
+        rate,
+        latencies_ms,
+        errors,
+    };
     let pg_tps = pgbench(&db, PGBENCH_SCRIPT, workers as u64, seconds);
-    let half = peak / 2.0;
-    let (done, half_lat, half_errors) = open_loop(&clients, half, seconds).await;
-
-    println!("api-grpc ProcessTask benchmark ({workers} clients, {seconds} s each, same database)");
-    println!(
-        "  api-grpc closed loop: {peak:.0} tasks/s, p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({errors} errors)",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.95),
-        percentile(&lat, 0.99)
-    );
-    println!("  pgbench, same transaction: {pg_tps:.0} tps");
-    println!("  api-grpc / pgbench: {:.0}%", 100.0 * peak / pg_tps);
-    println!(
-        "  api-grpc at half its peak ({half:.0}/s offered, {done:.0}/s done): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({half_errors} errors)",
-        percentile(&half_lat, 0.5),
-        percentile(&half_lat, 0.95),
-        percentile(&half_lat, 0.99)
+    let (rate, latencies_ms, errors) = open_loop(&clients, peak.rate / 2.0, seconds).await;
+    let half = Run {
+        rate,
+        latencies_ms,
+        errors,
+    };
+    report_against_pgbench(
+        "api-grpc ProcessTask",
+        "tasks",
+        workers,
+        seconds,
+        &peak,
+        pg_tps,
+        &half,
     );
     drop(api);
     test_support::delete_topics_with_prefix(&prefix).await;

@@ -88,12 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let rpc_metrics = RpcMetrics::register(&mut registry);
     let consumer_metrics = ConsumerMetrics::register(&mut registry);
     let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
-    let pruned = prometheus_client::metrics::counter::Counter::default();
-    registry.register(
-        "outbox_pruned",
-        "Outbox rows deleted by age",
-        pruned.clone(),
-    );
+    let pruner = platform::outbox::Pruner::register(&mut registry);
     let registry = Arc::new(registry);
     let pool = platform::db::pool(&config.db)?;
     let readiness = Readiness::new()
@@ -126,10 +121,10 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )),
         tokio::spawn(pool_metrics.sample_every(pool.clone(), shutdown.clone())),
-        tokio::spawn(platform::outbox::prune_every_minute(
+        tokio::spawn(pruner.run(
             pool.clone(),
             config.retention.outbox_retention,
-            pruned,
+            vec![platform::outbox::OUTBOX],
             shutdown.clone(),
         )),
     ];

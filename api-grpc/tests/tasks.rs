@@ -93,18 +93,10 @@ impl Fixture {
 
     /// (tasks, outbox events)
     async fn counts(&self) -> (i64, i64) {
-        let c = self.db.owner().await;
-        let t: i64 = c
-            .query_one("SELECT count(*) FROM tasks", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let o: i64 = c
-            .query_one("SELECT count(*) FROM outbox_events", &[])
-            .await
-            .unwrap()
-            .get(0);
-        (t, o)
+        (
+            self.db.count("tasks").await,
+            self.db.count("outbox_events").await,
+        )
     }
 
     /// Publishes a task.completed record as the relay would: Confluent Avro, key = task id.

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use test_support::bench::{arg, percentile, pgbench};
+use test_support::bench::{arg, pgbench, report_against_pgbench, Run};
 use test_support::service::Service;
 use test_support::{Source, TestDb};
 
@@ -138,25 +138,27 @@ async fn main() {
 
     // Warm-up: connections, prepared statements.
     closed_loop(&api.base, clients, 2).await;
-    let (api_peak, lat, errors) = closed_loop(&api.base, clients, seconds).await;
+    let (rate, latencies_ms, errors) = closed_loop(&api.base, clients, seconds).await;
+    let peak = Run {
+        rate,
+        latencies_ms,
+        errors,
+    };
     let pg_tps = pgbench(&db, PGBENCH_SCRIPT, clients as u64, seconds);
-    let half = api_peak / 2.0;
-    let (half_rate, half_lat, half_errors) = open_loop(&api.base, half, seconds).await;
-
-    println!("api-rest create benchmark ({clients} clients, {seconds} s each, same database)");
-    println!(
-        "  api-rest closed loop: {api_peak:.0} creates/s, p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({errors} errors)",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.95),
-        percentile(&lat, 0.99)
-    );
-    println!("  pgbench, same transaction: {pg_tps:.0} tps");
-    println!("  api-rest / pgbench: {:.0}%", 100.0 * api_peak / pg_tps);
-    println!(
-        "  api-rest at half its peak ({half:.0}/s offered, {half_rate:.0}/s done): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({half_errors} errors)",
-        percentile(&half_lat, 0.5),
-        percentile(&half_lat, 0.95),
-        percentile(&half_lat, 0.99)
+    let (rate, latencies_ms, errors) = open_loop(&api.base, peak.rate / 2.0, seconds).await;
+    let half = Run {
+        rate,
+        latencies_ms,
+        errors,
+    };
+    report_against_pgbench(
+        "api-rest create",
+        "creates",
+        clients,
+        seconds,
+        &peak,
+        pg_tps,
+        &half,
     );
     drop(api);
     db.cleanup().await;

@@ -9,7 +9,7 @@ mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::dev::Service as _;
 use actix_web::http::header::ContentType;
@@ -19,7 +19,6 @@ use platform::config::CommonArgs;
 use platform::db::{Command, DatabaseArgs};
 use platform::ops::Readiness;
 use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, RequestLabels};
 use crate::routes::AppState;
@@ -83,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = platform::db::pool(&config.db)?;
     let mut registry = platform::metrics::registry("api-rest");
     let metrics = Metrics::register(&mut registry);
-    let pruned = metrics.outbox_pruned.clone();
+    let pruner = platform::outbox::Pruner::register(&mut registry);
     let ops = web::Data::from(Arc::new(Ops {
         registry,
         readiness: Readiness::new().check("database", platform::db::probe(&pool)),
@@ -169,47 +168,24 @@ async fn main() -> anyhow::Result<()> {
             handle.stop(true).await;
         }
     });
-    let retention = config.retention.outbox_retention;
-    actix_web::rt::spawn(platform::outbox::prune_every_minute(
-        pool.clone(),
-        retention,
-        pruned,
+    // Idempotency keys expire with the outbox rows of the requests they answered.
+    let expiring = vec![
+        platform::outbox::OUTBOX,
+        platform::outbox::AgedTable {
+            table: "idempotency_keys",
+            key: "key",
+        },
+    ];
+    actix_web::rt::spawn(pruner.run(
+        pool,
+        config.retention.outbox_retention,
+        expiring,
         shutdown.clone(),
     ));
-    actix_web::rt::spawn(prune_idempotency_keys(pool, retention, shutdown.clone()));
     tracing::info!(addr = ?addr, database = %config.db.database_url, "api-rest listening");
     server.await.context("HTTP server failed")?;
     tracing::info!("api-rest stopped");
     Ok(())
-}
-
-/// Deletes idempotency keys older than the retention, once a minute (outbox rows are pruned by
-/// the shared pruner).
-async fn prune_idempotency_keys(
-    pool: deadpool_postgres::Pool,
-    retention: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Ok(client) = pool.get().await else {
-            continue;
-        };
-        let secs = retention.as_secs_f64();
-        if let Err(e) = client
-            .execute(
-                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
-                &[&secs],
-            )
-            .await
-        {
-            tracing::warn!(error = %platform::db::describe(&e), "idempotency key pruning failed");
-        }
-    }
 }
 
 async fn openapi_json(doc: web::Data<String>) -> HttpResponse {

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -27,7 +26,6 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub db: Family<OperationLabel, Histogram>,
     pub pool: platform::db::PoolMetrics,
-    pub outbox_pruned: Counter,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -42,7 +40,6 @@ impl Metrics {
             in_flight: Gauge::default(),
             db: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             pool: platform::db::PoolMetrics::default(),
-            outbox_pruned: Counter::default(),
         };
         registry.register(
             "http_request_duration_seconds",
@@ -58,11 +55,6 @@ impl Metrics {
             "db_transaction_duration_seconds",
             "Database work per API operation, pool wait included",
             m.db.clone(),
-        );
-        registry.register(
-            "outbox_pruned",
-            "Outbox rows deleted by age",
-            m.outbox_pruned.clone(),
         );
         m.pool = platform::db::PoolMetrics::register(registry);
         m

@@ -105,18 +105,10 @@ impl Api {
 
     /// (resources rows, outbox rows)
     async fn counts(&self) -> (i64, i64) {
-        let c = self.db.owner().await;
-        let r: i64 = c
-            .query_one("SELECT count(*) FROM resources", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let o: i64 = c
-            .query_one("SELECT count(*) FROM outbox_events", &[])
-            .await
-            .unwrap()
-            .get(0);
-        (r, o)
+        (
+            self.db.count("resources").await,
+            self.db.count("outbox_events").await,
+        )
     }
 
     /// The outbox events of one resource, oldest first: (event_type, aggregate_id, payload, traceparent).

@@ -34,53 +34,103 @@ pub async fn insert<E: Event>(
     Ok(id)
 }
 
-/// Deletes outbox rows older than `retention`, a batch at a time, until none are left. The
-/// relay reads the WAL, not the table, so old rows are only of use to an operator looking back.
+/// A table whose rows expire by `created_at`, deleted in batches by their key column.
+#[derive(Clone, Copy, Debug)]
+pub struct AgedTable {
+    pub table: &'static str,
+    pub key: &'static str,
+}
+
+/// The outbox: the relay reads the WAL, not the table, so old rows are only of use to an
+/// operator looking back.
+pub const OUTBOX: AgedTable = AgedTable {
+    table: "outbox_events",
+    key: "id",
+};
+
+/// Deletes the rows of `t` older than `retention`, 5,000 at a time so no statement holds locks
+/// for long, until none are left. Returns how many went.
 pub async fn prune(
     client: &tokio_postgres::Client,
+    t: AgedTable,
     retention: std::time::Duration,
 ) -> Result<u64, tokio_postgres::Error> {
+    const BATCH: u64 = 5000;
+    let sql = format!(
+        "DELETE FROM {table} WHERE {key} IN (
+           SELECT {key} FROM {table} WHERE created_at < now() - make_interval(secs => $1) LIMIT {BATCH})",
+        table = t.table,
+        key = t.key
+    );
     let secs = retention.as_secs_f64();
     let mut total = 0;
     loop {
-        let n = client
-            .execute(
-                "DELETE FROM outbox_events WHERE id IN (
-                   SELECT id FROM outbox_events
-                   WHERE created_at < now() - make_interval(secs => $1) LIMIT 5000)",
-                &[&secs],
-            )
-            .await?;
+        let n = client.execute(&sql, &[&secs]).await?;
         total += n;
-        if n < 5000 {
+        if n < BATCH {
             return Ok(total);
         }
     }
 }
 
-/// Prunes once a minute until `shutdown`; `pruned` counts the rows deleted.
-pub async fn prune_every_minute(
-    pool: deadpool_postgres::Pool,
-    retention: std::time::Duration,
-    pruned: prometheus_client::metrics::counter::Counter,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Ok(client) = pool.get().await else {
-            continue;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct TableLabel {
+    table: &'static str,
+}
+
+/// Deletes expired rows once a minute; `rows_pruned_total{table}` counts them.
+#[derive(Clone)]
+pub struct Pruner {
+    pruned: prometheus_client::metrics::family::Family<
+        TableLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl Pruner {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Pruner {
+        let pruner = Pruner {
+            pruned: Default::default(),
         };
-        match prune(&client, retention).await {
-            Ok(0) => {}
-            Ok(n) => {
-                pruned.inc_by(n);
-                tracing::info!(rows = n, "pruned outbox");
+        registry.register(
+            "rows_pruned",
+            "Rows deleted by age, by table",
+            pruner.pruned.clone(),
+        );
+        pruner
+    }
+
+    /// Prunes `tables` once a minute until `shutdown`.
+    pub async fn run(
+        self,
+        pool: deadpool_postgres::Pool,
+        retention: std::time::Duration,
+        tables: Vec<AgedTable>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
             }
-            Err(e) => tracing::warn!(error = %crate::db::describe(&e), "outbox pruning failed"),
+            let Ok(client) = pool.get().await else {
+                continue;
+            };
+            for t in &tables {
+                match prune(&client, *t, retention).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        self.pruned
+                            .get_or_create(&TableLabel { table: t.table })
+                            .inc_by(n);
+                        tracing::info!(table = t.table, rows = n, "pruned expired rows");
+                    }
+                    Err(e) => {
+                        tracing::warn!(table = t.table, error = %crate::db::describe(&e), "pruning failed")
+                    }
+                }
+            }
         }
     }
 }

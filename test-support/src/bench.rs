@@ -67,3 +67,47 @@ pub fn pgbench(db: &TestDb, script: &str, clients: u64, seconds: u64) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN)
 }
+
+/// One load run: completions per second, sorted latencies (ms), failed calls.
+pub struct Run {
+    pub rate: f64,
+    pub latencies_ms: Vec<f64>,
+    pub errors: usize,
+}
+
+fn quantiles(run: &Run) -> String {
+    let l = &run.latencies_ms;
+    format!(
+        "p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms ({} errors)",
+        percentile(l, 0.5),
+        percentile(l, 0.95),
+        percentile(l, 0.99),
+        run.errors
+    )
+}
+
+/// The API-next-to-pgbench report both API benchmarks print.
+pub fn report_against_pgbench(
+    what: &str,
+    unit: &str,
+    clients: usize,
+    seconds: u64,
+    peak: &Run,
+    pg_tps: f64,
+    half: &Run,
+) {
+    println!("{what} benchmark ({clients} clients, {seconds} s each, same database)");
+    println!(
+        "  closed loop: {:.0} {unit}/s, {}",
+        peak.rate,
+        quantiles(peak)
+    );
+    println!("  pgbench, same transaction: {pg_tps:.0} tps");
+    println!("  API / pgbench: {:.0}%", 100.0 * peak.rate / pg_tps);
+    println!(
+        "  at half its peak ({:.0}/s offered, {:.0}/s done): {}",
+        peak.rate / 2.0,
+        half.rate,
+        quantiles(half)
+    );
+}

@@ -220,6 +220,16 @@ impl TestDb {
             .expect("owner connection")
     }
 
+    /// Rows in `table` (a name the test controls).
+    pub async fn count(&self, table: &str) -> i64 {
+        self.owner()
+            .await
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("counting {table}: {}", platform::db::describe(&e)))
+            .get(0)
+    }
+
     /// Drops the database and any replication slot on it. Call it at the end of the test; a
     /// slot left behind would pin WAL.
     pub async fn cleanup(self) {

@@ -83,12 +83,7 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = platform::metrics::registry("worker");
     let metrics = Metrics::register(&mut registry);
     let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
-    let pruned = prometheus_client::metrics::counter::Counter::default();
-    registry.register(
-        "outbox_pruned",
-        "Outbox rows deleted by age",
-        pruned.clone(),
-    );
+    let pruner = platform::outbox::Pruner::register(&mut registry);
     let registry = Arc::new(registry);
     let pool = platform::db::pool(&config.db)?;
     let readiness = Readiness::new()
@@ -120,17 +115,17 @@ async fn main() -> anyhow::Result<()> {
     let (addr, server) = platform::ops::bind(config.http_addr, router, shutdown.clone()).await?;
     tracing::info!(%addr, database = %config.db.database_url, group = %config.consumer_group, "worker listening");
     let consumer = tokio::spawn(worker.run(shutdown.clone()));
-    let pruner = tokio::spawn(platform::outbox::prune_every_minute(
+    let pruning = tokio::spawn(pruner.run(
         pool.clone(),
         config.retention.outbox_retention,
-        pruned,
+        vec![platform::outbox::OUTBOX],
         shutdown.clone(),
     ));
     let sampler = tokio::spawn(pool_metrics.sample_every(pool, shutdown));
     server.await.context("ops server failed")?;
     consumer.await.context("the consumer panicked")?;
     let _ = sampler.await;
-    let _ = pruner.await;
+    let _ = pruning.await;
     tracing::info!("worker stopped");
     Ok(())
 }
