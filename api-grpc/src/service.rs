@@ -128,6 +128,32 @@ fn valid_type(t: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }
 
+/// The time left of the caller's deadline, from the `grpc-timeout` header (digits and a unit:
+/// H, M, S, m, u or n). tonic enforces it on the call; we also hand it to Postgres.
+fn deadline<T>(req: &Request<T>) -> Option<Duration> {
+    parse_grpc_timeout(req.metadata().get("grpc-timeout")?.to_str().ok()?)
+}
+
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn traceparent<T>(req: &Request<T>) -> Option<String> {
     let tp = req.metadata().get("traceparent")?.to_str().ok()?;
     // Same rule as the REST API: a malformed header is dropped, not an error.
@@ -187,6 +213,7 @@ impl pb::task_service_server::TaskService for TaskService {
         req: Request<pb::ProcessTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
         let tp = traceparent(&req);
+        let deadline = deadline(&req).map(|d| Instant::now() + d);
         let r = req.into_inner();
         self.metrics
             .track("ProcessTask", async {
@@ -215,9 +242,10 @@ impl pb::task_service_server::TaskService for TaskService {
                         "idempotency_key must be 1–255 visible ASCII characters",
                     ));
                 }
-                let task = store::create(&self.pool, &r.r#type, &input, key, tp.as_deref())
-                    .await
-                    .map_err(db_status)?;
+                let task =
+                    store::create(&self.pool, &r.r#type, &input, key, tp.as_deref(), deadline)
+                        .await
+                        .map_err(db_status)?;
                 Ok(Response::new(to_pb(task)))
             })
             .await
@@ -436,5 +464,21 @@ mod tests {
             parse_page_token("garbage!", 1).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
+    }
+
+    #[test]
+    fn grpc_timeout_header() {
+        assert_eq!(parse_grpc_timeout("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout("999999u"),
+            Some(Duration::from_micros(999_999))
+        );
+        // At most eight digits, a known unit, nothing else.
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("+1S"), None);
     }
 }

@@ -30,6 +30,10 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Fixture {
+        Fixture::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &[(&'static str, String)]) -> Fixture {
         let db = TestDb::create(Source::Grpc).await;
         let prefix = format!("{}.", unique("t"));
         let topic = format!("{prefix}task.completed");
@@ -42,18 +46,17 @@ impl Fixture {
             .await
             .unwrap();
         let port = free_port();
-        let mut service = Service::spawn(
-            BIN,
-            &[
-                ("DATABASE_URL", db.owner_dsn()),
-                ("GRPC_ADDR", format!("127.0.0.1:{port}")),
-                ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
-                ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
-                ("TOPIC_PREFIX", prefix),
-                ("COMPLETIONS_GROUP", consumer_group("api-grpc")),
-                ("GRPC_MAX_MESSAGE_BYTES", "131072".into()),
-            ],
-        );
+        let mut env = vec![
+            ("DATABASE_URL", db.owner_dsn()),
+            ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+            ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+            ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+            ("TOPIC_PREFIX", prefix),
+            ("COMPLETIONS_GROUP", consumer_group("api-grpc")),
+            ("GRPC_MAX_MESSAGE_BYTES", "131072".into()),
+        ];
+        env.extend_from_slice(extra);
+        let mut service = Service::spawn(BIN, &env);
         service
             .wait_for("/ready", 200, Duration::from_secs(30))
             .await;
@@ -426,7 +429,11 @@ async fn completions_from_kafka_reach_the_task_and_its_watchers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_is_honoured_and_leaves_nothing_behind() {
-    let mut f = Fixture::start().await;
+    // One connection, and one call first so its statements are prepared and cached there: the
+    // timed-out call then gets as far as sending its whole transaction before the lock stops it.
+    let mut f = Fixture::start_with(&[("DB_POOL_SIZE", "1".into())]).await;
+    f.process("warm", "{}", "").await.unwrap();
+    assert_eq!(f.counts().await, (1, 1));
     // Hold the tasks table so ProcessTask cannot finish in time.
     let mut blocker = f.db.owner().await;
     let tx = blocker.transaction().await.unwrap();
@@ -451,14 +458,45 @@ async fn a_deadline_is_honoured_and_leaves_nothing_behind() {
         "took {:?}",
         started.elapsed()
     );
+    // The server's own bound on the transaction is the same 300 ms, counted from a moment
+    // later than the client's; give it that moment before the lock goes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     tx.rollback().await.unwrap();
     // Had the server gone on with the call, its insert would commit now that the lock is gone.
     // It dropped the call with the deadline: its transaction rolled back, no task, no event.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(f.counts().await, (0, 0));
+    assert_eq!(f.counts().await, (1, 1));
     // And the service still works.
     f.process("ok", "{}", "").await.unwrap();
-    assert_eq!(f.counts().await, (1, 1));
+    assert_eq!(f.counts().await, (2, 2));
     drop(blocker);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_outbox_insert_leaves_no_task_and_a_clean_connection() {
+    // One connection, so the call after the failure reuses the connection the failed,
+    // pipelined transaction ran on.
+    let mut f = Fixture::start_with(&[("DB_POOL_SIZE", "1".into())]).await;
+    f.process("warm", "{}", "").await.unwrap();
+    let owner = f.db.owner().await;
+    // The task insert succeeds, the outbox insert after it does not.
+    owner
+        .batch_execute(
+            "ALTER TABLE outbox_events ADD CONSTRAINT t_refuse CHECK (event_type <> 'task.process') NOT VALID",
+        )
+        .await
+        .unwrap();
+    let err = f.process("doomed", "{}", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(f.counts().await, (1, 1));
+    owner
+        .batch_execute("ALTER TABLE outbox_events DROP CONSTRAINT t_refuse")
+        .await
+        .unwrap();
+    // Had the failed transaction stayed open on the connection, this call would run inside it.
+    let ok = f.process("after", "{}", "").await.unwrap();
+    assert_eq!(f.counts().await, (2, 2));
+    assert_eq!(f.get(&ok.id).await.unwrap().r#type, "after");
     f.stop().await;
 }

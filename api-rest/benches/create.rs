@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use test_support::bench::{arg, pgbench, report_against_pgbench, Run};
+use test_support::bench::{arg, median_round, pgbench, report_against_pgbench, Round, Run};
 use test_support::service::Service;
 use test_support::{Source, TestDb};
 
@@ -138,14 +138,22 @@ async fn main() {
 
     // Warm-up: connections, prepared statements.
     closed_loop(&api.base, clients, 2).await;
-    let (rate, latencies_ms, errors) = closed_loop(&api.base, clients, seconds).await;
-    let peak = Run {
-        rate,
-        latencies_ms,
-        errors,
+    let rounds: Vec<Round> = {
+        let mut rounds = Vec::new();
+        for _ in 0..arg("--rounds", 3) {
+            let (rate, latencies_ms, errors) = closed_loop(&api.base, clients, seconds).await;
+            let api = Run {
+                rate,
+                latencies_ms,
+                errors,
+            };
+            let pg_tps = pgbench(&db, PGBENCH_SCRIPT, clients as u64, seconds);
+            rounds.push(Round { api, pg_tps });
+        }
+        rounds
     };
-    let pg_tps = pgbench(&db, PGBENCH_SCRIPT, clients as u64, seconds);
-    let (rate, latencies_ms, errors) = open_loop(&api.base, peak.rate / 2.0, seconds).await;
+    let peak = median_round(&rounds).api.rate;
+    let (rate, latencies_ms, errors) = open_loop(&api.base, peak / 2.0, seconds).await;
     let half = Run {
         rate,
         latencies_ms,
@@ -156,8 +164,7 @@ async fn main() {
         "creates",
         clients,
         seconds,
-        &peak,
-        pg_tps,
+        &rounds,
         &half,
     );
     drop(api);

@@ -15,23 +15,53 @@ pub async fn insert<E: Event>(
     event: &E,
     traceparent: Option<&str>,
 ) -> Result<uuid::Uuid, tokio_postgres::Error> {
-    let id = uuid::Uuid::now_v7();
-    // Serializing our own types cannot fail: they hold only strings, numbers and maps.
-    let payload = serde_json::to_value(event).unwrap_or_default();
     let stmt = tx.prepare_cached(INSERT).await?;
-    tx.execute(
-        &stmt,
-        &[
-            &id,
-            &E::AGGREGATE_TYPE,
-            &event.aggregate_id(),
-            &E::EVENT_TYPE,
-            &payload,
-            &traceparent,
-        ],
-    )
-    .await?;
-    Ok(id)
+    let row = Row::new(event, traceparent);
+    tx.execute(&stmt, &row.params()).await?;
+    Ok(row.id)
+}
+
+/// The outbox statement, prepared (and cached) on `client`, for callers that pipeline it with
+/// the rest of their transaction.
+pub async fn prepare(
+    client: &deadpool_postgres::Client,
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    client.prepare_cached(INSERT).await
+}
+
+/// One outbox row's parameters, in the order of the prepared statement.
+pub struct Row<'a> {
+    pub id: uuid::Uuid,
+    aggregate_type: &'static str,
+    aggregate_id: String,
+    event_type: &'static str,
+    payload: serde_json::Value,
+    traceparent: Option<&'a str>,
+}
+
+impl<'a> Row<'a> {
+    pub fn new<E: Event>(event: &E, traceparent: Option<&'a str>) -> Row<'a> {
+        Row {
+            id: uuid::Uuid::now_v7(),
+            aggregate_type: E::AGGREGATE_TYPE,
+            aggregate_id: event.aggregate_id(),
+            event_type: E::EVENT_TYPE,
+            // Serializing our own types cannot fail: they hold only strings, numbers and maps.
+            payload: serde_json::to_value(event).unwrap_or_default(),
+            traceparent,
+        }
+    }
+
+    pub fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
+        [
+            &self.id,
+            &self.aggregate_type,
+            &self.aggregate_id,
+            &self.event_type,
+            &self.payload,
+            &self.traceparent,
+        ]
+    }
 }
 
 /// A table whose rows expire by `created_at`, deleted in batches by their key column.
