@@ -17,6 +17,7 @@ use rdkafka::Message;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::store;
 
@@ -111,7 +112,8 @@ impl Completions {
                 }
                 msg = consumer.recv() => {
                     let msg = msg?;
-                    self.apply(&decoder, msg.payload(), shutdown).await;
+                    let span = platform::kafka::consume_span(&msg);
+                    self.apply(&decoder, msg.payload(), shutdown).instrument(span).await;
                     // Stored only now: the database already has the outcome.
                     consumer.commit_message(&msg, CommitMode::Async)?;
                 }

@@ -66,7 +66,7 @@ struct Config {
 }
 
 /// The gRPC health service name of the task service.
-const TASK_SERVICE: &str = "kafkify.task.v1.TaskService";
+const TASK_SERVICE: &str = api_grpc::service::SERVICE;
 
 /// How often gRPC health follows the readiness checks.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -74,7 +74,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = platform::config::load();
-    platform::telemetry::init(&config.common)?;
+    let telemetry = platform::telemetry::init(&config.common, "api-grpc")
+        .unwrap_or_else(|e| platform::config::fail(e));
     if config.command == Some(Command::Migrate) {
         return platform::db::migrate_command(
             &config.db.database_url,
@@ -190,5 +191,6 @@ async fn main() -> anyhow::Result<()> {
         let _ = task.await;
     }
     tracing::info!("api-grpc stopped");
+    telemetry.shutdown();
     Ok(())
 }

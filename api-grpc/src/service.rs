@@ -15,12 +15,15 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::pb;
 use crate::store::{self, StoreError};
 
 pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+/// The fully qualified service name, as spans and health checks name it.
+pub const SERVICE: &str = "kafkify.task.v1.TaskService";
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
 
@@ -54,19 +57,49 @@ impl RpcMetrics {
         m
     }
 
+    /// Runs one RPC in its server span (a child of the caller's `traceparent`), counting it.
     async fn track<T>(
         &self,
         method: &'static str,
+        traceparent: Option<String>,
         f: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let started = Instant::now();
+        let span = tracing::info_span!(
+            target: platform::trace::TARGET,
+            "rpc",
+            otel.name = format!("{SERVICE}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = SERVICE,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        platform::trace::continue_from(&span, traceparent.as_deref());
         self.in_flight.inc();
-        let out = f.await;
+        let out = f.instrument(span.clone()).await;
         self.in_flight.dec();
         let code = match &out {
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),
         };
+        let numeric = out.as_ref().err().map_or(0, |s| s.code() as i32);
+        span.record("rpc.grpc.status_code", numeric);
+        // Server spans are errors for the codes that mean the server failed.
+        if matches!(
+            out.as_ref().err().map(|s| s.code()),
+            Some(
+                tonic::Code::Internal
+                    | tonic::Code::Unavailable
+                    | tonic::Code::DataLoss
+                    | tonic::Code::Unknown
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unimplemented
+            )
+        ) {
+            span.record("otel.status_code", "ERROR");
+        }
         self.duration
             .get_or_create(&RpcLabels { method, code })
             .observe(started.elapsed().as_secs_f64());
@@ -154,21 +187,10 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
+/// The caller's W3C trace context; a malformed one is dropped, as in the REST API.
 fn traceparent<T>(req: &Request<T>) -> Option<String> {
     let tp = req.metadata().get("traceparent")?.to_str().ok()?;
-    // Same rule as the REST API: a malformed header is dropped, not an error.
-    let parts: Vec<&str> = tp.split('-').collect();
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    (parts.len() == 4
-        && parts[0] == "00"
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2))
-    .then(|| tp.to_string())
+    platform::trace::parse(tp).map(|cx| platform::trace::format(&cx))
 }
 
 /// Page tokens: base64url of "<created_at micros>:<id>:<status filter>".
@@ -216,7 +238,7 @@ impl pb::task_service_server::TaskService for TaskService {
         let deadline = deadline(&req).map(|d| Instant::now() + d);
         let r = req.into_inner();
         self.metrics
-            .track("ProcessTask", async {
+            .track("ProcessTask", tp.clone(), async {
                 if !valid_type(&r.r#type) {
                     return Err(Status::invalid_argument(
                         "type must be 1–100 characters of a-z, 0-9, '.', '_' and '-'",
@@ -242,8 +264,13 @@ impl pb::task_service_server::TaskService for TaskService {
                         "idempotency_key must be 1–255 visible ASCII characters",
                     ));
                 }
+                // The task.process row carries the database span's context: the relay's span
+                // becomes its child.
+                let span = platform::trace::db_span("INSERT", "tasks");
+                let tp = platform::trace::traceparent_of(&span, tp.as_deref());
                 let task =
                     store::create(&self.pool, &r.r#type, &input, key, tp.as_deref(), deadline)
+                        .instrument(span)
                         .await
                         .map_err(db_status)?;
                 Ok(Response::new(to_pb(task)))
@@ -256,7 +283,7 @@ impl pb::task_service_server::TaskService for TaskService {
         req: Request<pb::GetTaskStatusRequest>,
     ) -> Result<Response<pb::Task>, Status> {
         self.metrics
-            .track("GetTaskStatus", async {
+            .track("GetTaskStatus", traceparent(&req), async {
                 let id = parse_id(&req.get_ref().id)?;
                 match store::get(&self.pool, id).await.map_err(db_status)? {
                     Some(t) => Ok(Response::new(to_pb(t))),
@@ -271,7 +298,7 @@ impl pb::task_service_server::TaskService for TaskService {
         req: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
         self.metrics
-            .track("ListTasks", async {
+            .track("ListTasks", traceparent(&req), async {
                 let r = req.into_inner();
                 let limit = match r.page_size {
                     0 => DEFAULT_PAGE,

@@ -19,6 +19,7 @@ use platform::config::CommonArgs;
 use platform::db::{Command, DatabaseArgs};
 use platform::ops::Readiness;
 use prometheus_client::registry::Registry;
+use tracing::Instrument;
 
 use crate::metrics::{Metrics, RequestLabels};
 use crate::routes::AppState;
@@ -69,7 +70,8 @@ struct Ops {
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = platform::config::load();
-    platform::telemetry::init(&config.common)?;
+    let telemetry = platform::telemetry::init(&config.common, "api-rest")
+        .unwrap_or_else(|e| platform::config::fail(e));
     if config.command == Some(Command::Migrate) {
         return platform::db::migrate_command(
             &config.db.database_url,
@@ -106,16 +108,47 @@ async fn main() -> anyhow::Result<()> {
                 let started = Instant::now();
                 let metrics = metrics.clone();
                 let method = req.method().to_string();
+                // The resource map knows the route pattern before routing has run.
+                let route = req.match_pattern();
+                // The server span (semantic conventions for HTTP): a child of the caller's
+                // `traceparent`, named after the route.
+                let span = tracing::info_span!(
+                    target: platform::trace::TARGET,
+                    "http",
+                    otel.name = match &route {
+                        Some(r) => format!("{method} {r}"),
+                        None => method.clone(),
+                    },
+                    otel.kind = "server",
+                    http.request.method = %method,
+                    url.path = req.path(),
+                    http.route = route.as_deref(),
+                    http.response.status_code = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                );
+                platform::trace::continue_from(
+                    &span,
+                    req.headers()
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok()),
+                );
                 metrics.in_flight.inc();
-                let fut = srv.call(req);
+                let fut = span.in_scope(|| srv.call(req));
                 async move {
-                    let res = fut.await;
+                    let res = fut.instrument(span.clone()).await;
                     metrics.in_flight.dec();
                     if let Ok(res) = &res {
                         let route = res
                             .request()
                             .match_pattern()
                             .unwrap_or_else(|| "unmatched".into());
+                        span.record(
+                            "http.response.status_code",
+                            i64::from(res.status().as_u16()),
+                        );
+                        if res.status().is_server_error() {
+                            span.record("otel.status_code", "ERROR");
+                        }
                         let labels = RequestLabels {
                             method,
                             route,
@@ -185,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = ?addr, database = %config.db.database_url, "api-rest listening");
     server.await.context("HTTP server failed")?;
     tracing::info!("api-rest stopped");
+    telemetry.shutdown();
     Ok(())
 }
 

@@ -188,25 +188,6 @@ impl IfMatch {
     }
 }
 
-/// A W3C `traceparent` (version 00), or `None` if the header is malformed: a bad header is
-/// dropped, not an error, as the Trace Context spec asks.
-pub fn traceparent(header: &str) -> Option<String> {
-    let parts: Vec<&str> = header.trim().split('-').collect();
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let ok = parts.len() == 4
-        && parts[0] == "00"
-        && hex(parts[1], 32)
-        && parts[1] != "0".repeat(32)
-        && hex(parts[2], 16)
-        && parts[2] != "0".repeat(16)
-        && hex(parts[3], 2);
-    ok.then(|| parts.join("-"))
-}
-
 /// An `Idempotency-Key`: 1–255 visible ASCII characters.
 pub fn idempotency_key(header: &str) -> Option<&str> {
     let ok = !header.is_empty()
@@ -285,18 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn trace_and_idempotency_headers() {
-        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(traceparent(tp).as_deref(), Some(tp));
-        assert_eq!(
-            traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
-            None
-        );
-        assert_eq!(
-            traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-            None
-        );
-        assert_eq!(traceparent("garbage"), None);
+    fn idempotency_headers() {
         assert_eq!(idempotency_key("abc-123"), Some("abc-123"));
         assert_eq!(idempotency_key(""), None);
         assert_eq!(idempotency_key("has space"), None);

@@ -11,6 +11,7 @@ use deadpool_postgres::Pool;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError, Problem};
@@ -130,11 +131,16 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn traceparent(req: &HttpRequest) -> Option<String> {
-    req.headers()
+/// The database span for a write, and the `traceparent` its outbox row carries: the span's
+/// own context (or, with none, the caller's well-formed `traceparent`).
+fn write_span(req: &HttpRequest, operation: &'static str) -> (tracing::Span, Option<String>) {
+    let incoming = req
+        .headers()
         .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(model::traceparent)
+        .and_then(|v| v.to_str().ok());
+    let span = platform::trace::db_span(operation, "resources");
+    let tp = platform::trace::traceparent_of(&span, incoming);
+    (span, tp)
 }
 
 fn if_match(req: &HttpRequest) -> Result<Option<IfMatch>, ApiError> {
@@ -225,15 +231,11 @@ pub async fn create(
         key,
         request_hash: Sha256::digest(serde_json::to_vec(&input).unwrap_or_default()).to_vec(),
     });
+    let (span, tp) = write_span(&req, "INSERT");
     let created = timed(
         &state,
         "create",
-        store::create(
-            &state.pool,
-            &input,
-            idempotency,
-            traceparent(&req).as_deref(),
-        ),
+        store::create(&state.pool, &input, idempotency, tp.as_deref()).instrument(span),
     )
     .await?;
     let id = created.body["id"].as_str().unwrap_or_default().to_string();
@@ -407,16 +409,11 @@ pub async fn replace(
     let id = resource_id(&path)?;
     let condition = if_match(&req)?;
     let input = validated(read_json::<ResourceInput>(&req, payload, state.max_body).await?)?;
+    let (span, tp) = write_span(&req, "UPDATE");
     let r = timed(
         &state,
         "replace",
-        store::replace(
-            &state.pool,
-            id,
-            &input,
-            condition,
-            traceparent(&req).as_deref(),
-        ),
+        store::replace(&state.pool, id, &input, condition, tp.as_deref()).instrument(span),
     )
     .await?;
     Ok(with_resource(HttpResponse::Ok(), &r))
@@ -443,10 +440,11 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     let id = resource_id(&path)?;
     let condition = if_match(&req)?;
+    let (span, tp) = write_span(&req, "DELETE");
     timed(
         &state,
         "delete",
-        store::delete(&state.pool, id, condition, traceparent(&req).as_deref()),
+        store::delete(&state.pool, id, condition, tp.as_deref()).instrument(span),
     )
     .await?;
     Ok(HttpResponse::NoContent().finish())

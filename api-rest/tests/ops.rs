@@ -103,7 +103,24 @@ fn a_bad_setting_stops_start_up_naming_it() {
     );
     check_bad_setting(
         BIN,
-        &[("DATABASE_URL", url), ("LOG_FORMAT", "xml".into())],
+        &[("DATABASE_URL", url.clone()), ("LOG_FORMAT", "xml".into())],
         "LOG_FORMAT",
+    );
+    check_bad_setting(
+        BIN,
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318".into()),
+        ],
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    );
+    check_bad_setting(
+        BIN,
+        &[
+            ("DATABASE_URL", url),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318".into()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+        ],
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
     );
 }

@@ -208,12 +208,15 @@ pub fn frame(schema_id: SchemaId, schema: &Schema, value: &Value) -> Result<Vec<
 }
 
 /// A record ready for the producer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KafkaRecord {
     pub topic: String,
     pub key: String,
     pub value: Vec<u8>,
     pub headers: Vec<(&'static str, String)>,
+    /// The producer span of a traced event; it ends when the record is dropped, after Kafka
+    /// acknowledged (and, exactly once, committed) it.
+    pub span: Option<tracing::Span>,
 }
 
 /// What the transaction around an event tells us.

@@ -18,7 +18,8 @@ async fn main() -> anyhow::Result<()> {
     if let Err(message) = config.validate() {
         platform::config::fail(message);
     }
-    platform::telemetry::init(&config.common)?;
+    let telemetry = platform::telemetry::init(&config.common, "cdc-relay")
+        .unwrap_or_else(|e| platform::config::fail(e));
     let shutdown = platform::shutdown::token();
 
     let mut registry = platform::metrics::registry("cdc-relay");
@@ -97,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
     }
     server.await?.context("ops server failed")?;
     tracing::info!("cdc-relay stopped");
+    telemetry.shutdown();
     Ok(())
 }
 

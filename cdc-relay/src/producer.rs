@@ -113,6 +113,7 @@ impl Sink {
                     key: self.checkpoint_key.clone(),
                     value: checkpoint_value(upto).into_bytes(),
                     headers: Vec::new(),
+                    span: None,
                 };
                 // begin_transaction only changes local state; it does not block.
                 self.producer.begin_transaction()?;
@@ -142,7 +143,9 @@ impl Sink {
     /// producer's polling thread next wakes, which adds up to 100 ms to every transaction.
     async fn send_all(&self, records: impl Iterator<Item = &KafkaRecord>) -> Result<(), SinkError> {
         let mut pending = Vec::new();
+        let mut spans = Vec::new();
         for r in records {
+            spans.push(r.span.as_ref());
             loop {
                 match self.producer.send_result(future_record(r)) {
                     Ok(delivery) => {
@@ -156,9 +159,17 @@ impl Sink {
                 }
             }
         }
-        for delivery in pending {
+        for (delivery, span) in pending.into_iter().zip(spans) {
             match delivery.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(d)) => {
+                    if let Some(span) = span {
+                        span.record(
+                            "messaging.destination.partition.id",
+                            d.partition.to_string(),
+                        );
+                        span.record("messaging.kafka.offset", d.offset);
+                    }
+                }
                 Ok(Err((e, _))) => return Err(SinkError::Delivery(e)),
                 Err(_) => return Err(SinkError::Task("delivery report dropped".into())),
             }

@@ -115,3 +115,29 @@ pub fn sample_lag<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
         lag.get_or_create(&label).set((high - position).max(0));
     }
 }
+
+/// The consumer span for one record: see [`crate::trace::consume_span`]. The `traceparent` and
+/// `event_id` headers the relay writes link it to the writer's trace and to the outbox row.
+pub fn consume_span(msg: &impl rdkafka::Message) -> tracing::Span {
+    use rdkafka::message::Headers;
+    let header = |name: &str| {
+        msg.headers().and_then(|h| {
+            h.iter()
+                .find(|x| x.key == name)
+                .and_then(|x| x.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        })
+    };
+    let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
+    let span = crate::trace::consume_span(
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        key,
+        header("traceparent"),
+    );
+    if let Some(id) = header("event_id") {
+        span.record("messaging.message.id", id);
+    }
+    span
+}

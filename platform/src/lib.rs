@@ -12,3 +12,4 @@ pub mod outbox;
 pub mod registry;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;

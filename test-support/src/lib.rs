@@ -38,6 +38,10 @@ pub struct Stack {
     pub pg_port: u16,
     pub kafka_brokers: String,
     pub schema_registry_url: String,
+    /// OTLP/HTTP endpoint of the local Jaeger.
+    pub otlp_endpoint: String,
+    /// Jaeger's query API.
+    pub jaeger_url: String,
     passwords: HashMap<String, String>,
 }
 
@@ -73,6 +77,8 @@ pub fn stack() -> &'static Stack {
             admin_url,
             kafka_brokers: get("KAFKA_BROKERS"),
             schema_registry_url: get("SCHEMA_REGISTRY_URL"),
+            otlp_endpoint: get("KAFKIFY_OTLP_ENDPOINT"),
+            jaeger_url: get("KAFKIFY_JAEGER_URL"),
             passwords,
         }
     })

@@ -29,6 +29,7 @@ use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::decode::{self, Decoded, Poison};
 use crate::store::{self, Origin};
@@ -255,9 +256,10 @@ impl Lane {
     /// Handles one record until it is recorded, found a duplicate or dead-lettered; `None` if
     /// the lane must stop first.
     async fn process(&self, msg: &OwnedMessage) -> Option<&'static str> {
+        let span = platform::kafka::consume_span(msg);
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.try_process(msg).await {
+            match self.try_process(msg).instrument(span.clone()).await {
                 Ok(outcome) => return Some(outcome),
                 Err(Retry(why)) => {
                     tracing::warn!(%why, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), retry_in = ?backoff, "transient failure; retrying");
@@ -319,9 +321,21 @@ impl Lane {
                         .get("commit_ts")
                         .and_then(|v| v.parse::<i64>().ok())
                         .and_then(chrono::DateTime::from_timestamp_micros),
-                    traceparent: headers.get("traceparent").map(String::as_str),
+                    traceparent: None,
                 };
-                match store::record(&self.worker.pool, &origin, &decoded, completion.as_ref()).await
+                // The task.completed row continues the trace from this write's span.
+                let span = platform::trace::db_span("INSERT", "processed_events");
+                let tp = platform::trace::traceparent_of(
+                    &span,
+                    headers.get("traceparent").map(String::as_str),
+                );
+                let origin = Origin {
+                    traceparent: tp.as_deref(),
+                    ..origin
+                };
+                match store::record(&self.worker.pool, &origin, &decoded, completion.as_ref())
+                    .instrument(span)
+                    .await
                 {
                     Ok(true) => Ok("recorded"),
                     Ok(false) => Ok("duplicate"),

@@ -70,7 +70,8 @@ struct Config {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = platform::config::load();
-    platform::telemetry::init(&config.common)?;
+    let telemetry = platform::telemetry::init(&config.common, "worker")
+        .unwrap_or_else(|e| platform::config::fail(e));
     if config.command == Some(Command::Migrate) {
         return platform::db::migrate_command(
             &config.db.database_url,
@@ -127,5 +128,6 @@ async fn main() -> anyhow::Result<()> {
     let _ = sampler.await;
     let _ = pruning.await;
     tracing::info!("worker stopped");
+    telemetry.shutdown();
     Ok(())
 }
