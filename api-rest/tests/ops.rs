@@ -118,7 +118,10 @@ fn a_bad_setting_stops_start_up_naming_it() {
         BIN,
         &[
             ("DATABASE_URL", url),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318".into()),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://127.0.0.1:4318".into(),
+            ),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
         ],
         "OTEL_EXPORTER_OTLP_PROTOCOL",

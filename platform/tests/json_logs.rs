@@ -57,7 +57,10 @@ fn json_lines_carry_the_trace_and_span_ids_of_the_traced_span() {
     tracing::info!("outside any span");
 
     let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "{text}");
     let line = &lines[0];
     assert_eq!(line["message"], "inside");
@@ -66,7 +69,10 @@ fn json_lines_carry_the_trace_and_span_ids_of_the_traced_span() {
     assert_eq!(line["span"], "library");
     assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(line["span_id"], span_id.as_str());
-    assert_ne!(span_id, "00f067aa0ba902b7", "our own span, not the caller's");
+    assert_ne!(
+        span_id, "00f067aa0ba902b7",
+        "our own span, not the caller's"
+    );
     assert_eq!(lines[1]["trace_id"], Value::Null);
     assert!(lines[1]["timestamp"].as_str().unwrap().ends_with('Z'));
 }
