@@ -195,7 +195,7 @@ async fn timed<T>(
     request_body(content = ResourceInput, content_type = "application/json"),
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response and create nothing"),
-        ("traceparent" = Option<String>, Header, description = "W3C trace context, stored with the event"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the request continues it, and its event carries the trace on through Kafka"),
     ),
     responses(
         (status = 201, description = "Created", body = Resource, headers(("ETag" = String), ("Location" = String))),

@@ -11,7 +11,6 @@ use opentelemetry_sdk::Resource;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -96,36 +95,46 @@ fn provider(service: &str) -> anyhow::Result<(SdkTracerProvider, bool)> {
 /// Installs the global subscriber: log lines filtered by `LOG_LEVEL`, and the spans of target
 /// [`crate::trace::TARGET`] to OpenTelemetry regardless of the log level. Fails naming
 /// `LOG_LEVEL` or the `OTEL_*` variable that is wrong.
+///
+/// One global filter, no per-layer filters: with a per-layer filter on each layer, spans of
+/// the relay were now and then created disabled under load (their context invalid, so the
+/// trace broke at the relay), which a single filter does not do.
 pub fn init(common: &CommonArgs, service: &str) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_new(&common.log_level).map_err(|e| {
-        anyhow::anyhow!(
-            "LOG_LEVEL `{}` is not a valid filter: {e}",
-            common.log_level
-        )
-    })?;
+    let filter = EnvFilter::try_new(&common.log_level)
+        .and_then(|_| {
+            EnvFilter::try_new(format!(
+                "{},{}=trace",
+                common.log_level,
+                crate::trace::TARGET
+            ))
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "LOG_LEVEL `{}` is not a valid filter: {e}",
+                common.log_level
+            )
+        })?;
     let (provider, exporting) = provider(service)?;
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("kafkify"))
         .with_location(false)
         .with_threads(false)
         .with_level(false)
-        .with_target(false)
-        .with_filter(Targets::new().with_target(crate::trace::TARGET, tracing::Level::TRACE));
+        .with_target(false);
     // Colours only for a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let logs = match common.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(JsonLines)
-            .with_filter(filter)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .compact()
             .with_target(true)
             .with_ansi(ansi)
-            .with_filter(filter)
             .boxed(),
     };
     tracing_subscriber::registry()
+        .with(filter)
         .with(logs)
         .with(otel)
         .try_init()

@@ -331,3 +331,22 @@ pub async fn delete_topics_with_prefix(prefix: &str) {
 pub fn consumer_group(prefix: &str) -> String {
     unique(&format!("test-{prefix}"))
 }
+
+/// Asserts that `stored` (an outbox row's `traceparent`) continues the caller's `parent`: the
+/// same trace, a span of the service's own (the child it created), sampled like the parent.
+pub fn assert_child_traceparent(stored: Option<&str>, parent: &str) {
+    let stored = stored.unwrap_or_else(|| panic!("no traceparent stored; caller sent {parent}"));
+    let s: Vec<&str> = stored.split('-').collect();
+    let p: Vec<&str> = parent.split('-').collect();
+    assert_eq!(s.len(), 4, "{stored}");
+    assert_eq!(
+        (s[0], s[1], s[3]),
+        (p[0], p[1], p[3]),
+        "{stored} vs {parent}"
+    );
+    assert_eq!(s[2].len(), 16, "{stored}");
+    assert_ne!(
+        s[2], p[2],
+        "the service's own span, not the caller's: {stored}"
+    );
+}
