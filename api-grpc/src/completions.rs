@@ -100,6 +100,7 @@ impl Completions {
         );
         consumer.subscribe(&[&self.topic])?;
         let decoder = AvroDecoder::new(SrSettings::new(self.registry_url.clone()));
+        let watermarks = Arc::new(platform::kafka::watermark_client(&self.kafka)?);
         let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
@@ -107,8 +108,8 @@ impl Completions {
                 _ = shutdown.cancelled() => return Ok(()),
                 // Watermark requests block their thread; the reader must not wait for them.
                 _ = lag_tick.tick() => {
-                    let (consumer, metrics) = (consumer.clone(), self.metrics.clone());
-                    tokio::task::spawn_blocking(move || platform::kafka::sample_lag(&*consumer, &metrics.lag));
+                    let (consumer, watermarks, metrics) = (consumer.clone(), watermarks.clone(), self.metrics.clone());
+                    tokio::task::spawn_blocking(move || platform::kafka::sample_lag(&*consumer, &watermarks, &metrics.lag));
                 }
                 msg = consumer.recv() => {
                     let msg = msg?;

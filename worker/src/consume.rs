@@ -163,6 +163,7 @@ impl Worker {
         let mut lanes: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
         let mut handles = Vec::new();
         let lanes_done = CancellationToken::new();
+        let watermarks = Arc::new(platform::kafka::watermark_client(&self.kafka)?);
         let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
         let result = loop {
             tokio::select! {
@@ -170,8 +171,8 @@ impl Worker {
                 _ = shutdown.cancelled() => break Ok(()),
                 // Watermark requests block their thread; the reader must not wait for them.
                 _ = lag_tick.tick() => {
-                    let (consumer, metrics) = (consumer.clone(), self.metrics.clone());
-                    tokio::task::spawn_blocking(move || platform::kafka::sample_lag(&*consumer, &metrics.lag));
+                    let (consumer, watermarks, metrics) = (consumer.clone(), watermarks.clone(), self.metrics.clone());
+                    tokio::task::spawn_blocking(move || platform::kafka::sample_lag(&*consumer, &watermarks, &metrics.lag));
                 }
                 msg = consumer.recv() => {
                     let msg = match msg {
