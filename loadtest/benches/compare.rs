@@ -1,0 +1,595 @@
+//! `loadtest/bench [--events N] [--seconds S] [--size B]` (cargo bench -p loadtest --bench compare)
+//!
+//! cdc-relay and Debezium 3.6.1.Final (PostgreSQL connector + outbox event router on Kafka
+//! Connect 4.1.1, standalone, all from Maven Central) on one machine, against the same Postgres
+//! and Kafka, on the same outbox workload; plus the raw ceilings of that machine:
+//! `pg_recvlogical` (pgoutput to /dev/null) and Kafka's own producer perf test.
+//!
+//! 1. One backlog of N outbox rows is written once, after a slot per contender exists, so each
+//!    drains exactly the same WAL: sustained events/s = records visible to a read_committed
+//!    consumer divided by the time from the first to the last.
+//! 2. Debezium's drain rate is its peak; both then run at a quarter, a half and three quarters
+//!    of it for S seconds each (one transaction of one row per write), and the latency from the
+//!    row's commit to the record reaching a read_committed consumer is recorded. The commit time
+//!    is the `commit_ts` header for the relay and the payload's `created_at`
+//!    (clock_timestamp() in the inserting transaction) for Debezium, which has no such header.
+//! 3. Peak RSS (VmHWM) of the relay process and of the Connect JVM.
+//!
+//! Writes loadtest/results/compare.md (the table) and compare.json (the points the plot script,
+//! loadtest/plot.py, draws into compare.png). Prints numbers; asserts nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use test_support::bench::{arg, percentile};
+use test_support::service::{workspace_bin, Service};
+use test_support::{consumer_group, stack, unique, Source, TestDb};
+
+const DEBEZIUM_VERSION: &str = "3.6.1.Final";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as f64
+        / 1000.0
+}
+
+/// `n` outbox rows of a ~`size`-byte JSON payload in one statement; keys cycle over 100.
+fn insert_sql(n: usize, size: usize, offset: usize) -> String {
+    let pad = size.saturating_sub(230).max(1);
+    format!(
+        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+         SELECT gen_random_uuid(), 'resource', 'k' || (i % 100), 'resource.created',
+                jsonb_build_object('resource_id', gen_random_uuid()::text, 'name', 'bench-' || i,
+                  'description', repeat('x', {pad}), 'attributes', jsonb_build_object('n', i::text),
+                  'version', i, 'created_at', (extract(epoch from clock_timestamp()) * 1000000)::bigint)
+         FROM generate_series({}, {}) AS i",
+        offset + 1,
+        offset + n
+    )
+}
+
+fn rss_peak_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn topic_exists(topic: &str) -> bool {
+    stack()
+        .kafka_admin()
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map(|md| {
+            md.topics()
+                .first()
+                .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
+        })
+        .unwrap_or(false)
+}
+
+async fn wait_topic(topic: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !topic_exists(topic) {
+        assert!(Instant::now() < deadline, "{topic} never appeared");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The commit time (ms) a record carries: the relay's `commit_ts` header (µs), else the
+/// payload's `created_at` (µs) for Debezium's plain JSON.
+fn commit_ms(msg: &rdkafka::message::BorrowedMessage<'_>) -> Option<f64> {
+    if let Some(h) = msg.headers() {
+        if let Some(v) = h
+            .iter()
+            .find(|h| h.key == "commit_ts")
+            .and_then(|h| h.value)
+        {
+            return std::str::from_utf8(v)
+                .ok()?
+                .parse::<f64>()
+                .ok()
+                .map(|us| us / 1000.0);
+        }
+    }
+    let v: serde_json::Value = serde_json::from_slice(msg.payload()?).ok()?;
+    // Debezium's StringConverter may wrap the payload once more as a JSON string.
+    let v = match v {
+        serde_json::Value::String(s) => serde_json::from_str(&s).ok()?,
+        v => v,
+    };
+    v["created_at"].as_f64().map(|us| us / 1000.0)
+}
+
+/// Reads `topic` until `n` records arrived: (arrival instants, commit-to-visible ms).
+async fn drain(topic: &str, n: usize, limit: Duration, from_end: bool) -> (Vec<Instant>, Vec<f64>) {
+    let consumer: StreamConsumer = stack()
+        .kafka_config()
+        .set("group.id", consumer_group("compare"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        let offset = if from_end {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            rdkafka::Offset::Offset(high)
+        } else {
+            rdkafka::Offset::Beginning
+        };
+        tpl.add_partition_offset(topic, p.id(), offset).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let (mut arrivals, mut lat) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let deadline = Instant::now() + limit;
+    while arrivals.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(msg) = tokio::time::timeout(left, consumer.recv()).await else {
+            eprintln!("  time limit on {topic}: {} of {n} records", arrivals.len());
+            break;
+        };
+        let msg = msg.unwrap();
+        let now = now_ms();
+        arrivals.push(Instant::now());
+        if let Some(c) = commit_ms(&msg) {
+            lat.push((now - c).max(0.0));
+        }
+    }
+    (arrivals, lat)
+}
+
+fn rate_of(arrivals: &[Instant]) -> f64 {
+    match (arrivals.first(), arrivals.last()) {
+        (Some(f), Some(l)) if arrivals.len() > 1 => {
+            (arrivals.len() - 1) as f64 / (*l - *f).as_secs_f64()
+        }
+        _ => f64::NAN,
+    }
+}
+
+/// Writes at `rate` rows/s (one row per transaction, 10 ms ticks) for `seconds` while reading
+/// `topic` from its end; returns sorted latencies.
+async fn at_rate(
+    db: &TestDb,
+    topic: &str,
+    rate: f64,
+    seconds: u64,
+    size: usize,
+    offset: usize,
+) -> Vec<f64> {
+    let ticks = seconds as usize * 100;
+    let per_tick = rate / 100.0;
+    let n = (per_tick * ticks as f64).round() as usize;
+    let reader = tokio::spawn({
+        let topic = topic.to_string();
+        async move {
+            drain(&topic, n, Duration::from_secs(seconds + 120), true)
+                .await
+                .1
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Several writers so a slow commit does not hold back the next tick's rows.
+    let writers = 8;
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let owner = db.owner().await;
+        handles.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut owed = 0.0;
+            let mut k = 0;
+            for _ in 0..ticks {
+                tick.tick().await;
+                owed += per_tick / writers as f64;
+                while owed >= 1.0 {
+                    owed -= 1.0;
+                    k += 1;
+                    owner
+                        .batch_execute(&insert_sql(1, size, offset + w * 10_000_000 + k))
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let mut lat = reader.await.unwrap();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    lat
+}
+
+struct Debezium {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Debezium {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_debezium(db: &TestDb, slot: &str, prefix: &str) -> Debezium {
+    let libs = root().join(format!(".cache/debezium-{DEBEZIUM_VERSION}/libs"));
+    assert!(
+        libs.exists(),
+        "{} is missing: run loadtest/bench (it fetches Debezium)",
+        libs.display()
+    );
+    let dir = std::env::temp_dir().join(unique("debezium"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let worker = format!(
+        "bootstrap.servers={brokers}
+key.converter=org.apache.kafka.connect.storage.StringConverter
+value.converter=org.apache.kafka.connect.storage.StringConverter
+offset.storage.file.filename={dir}/offsets
+offset.flush.interval.ms=1000
+listeners=http://127.0.0.1:0
+producer.linger.ms=5
+producer.acks=all
+producer.enable.idempotence=true
+",
+        brokers = stack().kafka_brokers,
+        dir = dir.display()
+    );
+    let connector = format!(
+        "name={name}
+connector.class=io.debezium.connector.postgresql.PostgresConnector
+tasks.max=1
+plugin.name=pgoutput
+slot.name={slot}
+publication.name=kafkify_outbox
+publication.autocreate.mode=disabled
+database.hostname=127.0.0.1
+database.port={port}
+database.user=kafkify_relay
+database.password={password}
+database.dbname={dbname}
+topic.prefix={prefix}dbz
+table.include.list=public.outbox_events
+snapshot.mode=no_data
+poll.interval.ms=10
+max.batch.size=8192
+max.queue.size=32768
+transforms=outbox
+transforms.outbox.type=io.debezium.transforms.outbox.EventRouter
+transforms.outbox.table.field.event.id=id
+transforms.outbox.table.field.event.key=aggregate_id
+transforms.outbox.table.field.event.payload=payload
+transforms.outbox.route.by.field=event_type
+transforms.outbox.route.topic.replacement={prefix}dbz.${{routedByValue}}
+",
+        name = unique("dbz"),
+        port = stack().pg_port,
+        password = stack().password("relay"),
+        dbname = db.name,
+    );
+    std::fs::write(dir.join("worker.properties"), worker).unwrap();
+    std::fs::write(dir.join("connector.properties"), connector).unwrap();
+    let log = std::fs::File::create(dir.join("connect.log")).unwrap();
+    let child = Command::new("java")
+        .args([
+            "-Xms256m",
+            "-Xmx1g",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+        ])
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            root().join("stack/kafka/log4j2.properties").display()
+        ))
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .arg("org.apache.kafka.connect.cli.ConnectStandalone")
+        .arg(dir.join("worker.properties"))
+        .arg(dir.join("connector.properties"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("java runs");
+    eprintln!(
+        "  Debezium (Kafka Connect standalone) log: {}/connect.log",
+        dir.display()
+    );
+    Debezium { child, dir }
+}
+
+fn pg_recvlogical_ceiling(db: &TestDb, slot: &str, endpos: &str, n: usize) -> f64 {
+    let t = Instant::now();
+    let out = Command::new("/usr/lib/postgresql/15/bin/pg_recvlogical")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &stack().pg_port.to_string(),
+            "-U",
+            "kafkify_relay",
+        ])
+        .args([
+            "-d", &db.name, "--slot", slot, "--start", "--endpos", endpos,
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=kafkify_outbox",
+            "-f",
+            "/dev/null",
+        ])
+        .env("PGPASSWORD", stack().password("relay"))
+        .output()
+        .expect("pg_recvlogical runs (package postgresql)");
+    assert!(
+        out.status.success(),
+        "pg_recvlogical: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn producer_perf_ceiling(topic: &str, n: usize, size: usize) -> f64 {
+    let kafka = std::fs::read_dir(root().join(".cache"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("kafka-"))
+        })
+        .expect("Kafka in .cache (./kafkify up)");
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}/libs/*", kafka.display()))
+        .arg("org.apache.kafka.tools.ProducerPerformance")
+        .args([
+            "--topic",
+            topic,
+            "--num-records",
+            &n.to_string(),
+            "--record-size",
+            &size.to_string(),
+        ])
+        .args(["--throughput", "-1", "--producer-props"])
+        .arg(format!("bootstrap.servers={}", stack().kafka_brokers))
+        .args(["acks=all", "linger.ms=5"])
+        .output()
+        .expect("java runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "...records sent, 123456.7 records/sec (..." on the last line.
+    text.lines()
+        .last()
+        .and_then(|l| l.split(" records/sec").next())
+        .and_then(|l| l.rsplit(", ").next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn quantiles(l: &[f64]) -> (f64, f64, f64) {
+    (percentile(l, 0.5), percentile(l, 0.95), percentile(l, 0.99))
+}
+
+#[tokio::main]
+async fn main() {
+    let events = arg("--events", 50_000) as usize;
+    let seconds = arg("--seconds", 10);
+    let size = arg("--size", 500) as usize;
+    let db = TestDb::create(Source::Rest).await;
+    let prefix = format!("{}.", unique("cmp"));
+    let relay_topic = format!("{prefix}resource.created");
+    let dbz_topic = format!("{prefix}dbz.resource.created");
+    let owner = db.owner().await;
+    let relay_sql = platform::db::connect(&db.relay_url()).await.unwrap();
+    let (ceiling_slot, relay_slot, dbz_slot) = (
+        format!("ceil_{}", db.name),
+        format!("kafkify_{}", db.name),
+        format!("dbz_{}", db.name),
+    );
+    for slot in [&ceiling_slot, &relay_slot, &dbz_slot] {
+        relay_sql
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[slot],
+            )
+            .await
+            .unwrap();
+    }
+    eprintln!("writing the backlog: {events} events of ~{size} B");
+    for i in (0..events).step_by(100) {
+        owner
+            .batch_execute(&insert_sql(100.min(events - i), size, i))
+            .await
+            .unwrap();
+    }
+    let endpos: String = relay_sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    eprintln!("raw ceilings");
+    let pg_ceiling = pg_recvlogical_ceiling(&db, &ceiling_slot, &endpos, events);
+    relay_sql
+        .execute("SELECT pg_drop_replication_slot($1)", &[&ceiling_slot])
+        .await
+        .unwrap();
+    let kafka_ceiling = producer_perf_ceiling(&format!("{prefix}perf"), events, size);
+
+    eprintln!("cdc-relay: draining the backlog");
+    let relay_env = |db: &TestDb| {
+        vec![
+            ("DATABASE_URL", db.relay_dsn()),
+            ("RELAY_SOURCES", db.name.clone()),
+            ("RELAY_TOPIC_PREFIX", prefix.clone()),
+            ("RELAY_CHECKPOINT_TOPIC", format!("{prefix}checkpoints")),
+            ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+            ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+            ("LOG_LEVEL", "warn".to_string()),
+        ]
+    };
+    let relay_bin = {
+        // The release build: a benchmark of a debug build would say nothing.
+        let release = root().join("target/release/cdc-relay");
+        if release.exists() {
+            release.display().to_string()
+        } else {
+            workspace_bin("cdc-relay")
+        }
+    };
+    let relay = Service::spawn(&relay_bin, &relay_env(&db));
+    wait_topic(&relay_topic, Duration::from_secs(60)).await;
+    let (arrivals, _) = drain(&relay_topic, events, Duration::from_secs(900), false).await;
+    let relay_rate = rate_of(&arrivals);
+    let mut relay_rss = rss_peak_mib(relay.pid());
+    drop(relay);
+    // The relay's slot would pin the WAL Debezium's runs write; the relay makes a new one later.
+    relay_sql
+        .execute("SELECT pg_drop_replication_slot($1)", &[&relay_slot])
+        .await
+        .unwrap();
+
+    eprintln!("Debezium {DEBEZIUM_VERSION}: draining the backlog");
+    let dbz = start_debezium(&db, &dbz_slot, &prefix);
+    wait_topic(&dbz_topic, Duration::from_secs(180)).await;
+    let (arrivals, _) = drain(&dbz_topic, events, Duration::from_secs(1800), false).await;
+    let dbz_rate = rate_of(&arrivals);
+    let fractions = [0.25, 0.5, 0.75];
+    let rates: Vec<f64> = fractions
+        .iter()
+        .map(|f| (f * dbz_rate).round().max(10.0))
+        .collect();
+    let mut dbz_points = Vec::new();
+    for (i, r) in rates.iter().enumerate() {
+        eprintln!("Debezium at {r:.0} events/s");
+        let lat = at_rate(&db, &dbz_topic, *r, seconds, size, 100_000_000 * (i + 1)).await;
+        dbz_points.push((*r, quantiles(&lat), lat.len()));
+    }
+    let dbz_rss = rss_peak_mib(dbz.child.id());
+    let dbz_dir = dbz.dir.clone();
+    drop(dbz);
+    relay_sql
+        .execute("SELECT pg_drop_replication_slot($1)", &[&dbz_slot])
+        .await
+        .unwrap();
+
+    let mut relay = Service::spawn(&relay_bin, &relay_env(&db));
+    relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut relay_points = Vec::new();
+    for (i, r) in rates.iter().enumerate() {
+        eprintln!("cdc-relay at {r:.0} events/s");
+        let lat = at_rate(
+            &db,
+            &relay_topic,
+            *r,
+            seconds,
+            size,
+            900_000_000 + 100_000_000 * i,
+        )
+        .await;
+        relay_points.push((*r, quantiles(&lat), lat.len()));
+    }
+    relay_rss = relay_rss.max(rss_peak_mib(relay.pid()));
+    drop(relay);
+
+    // The report.
+    let lower_ceiling = pg_ceiling.min(kafka_ceiling);
+    let half = |pts: &[(f64, (f64, f64, f64), usize)]| pts[1].1 .2;
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# cdc-relay vs Debezium {DEBEZIUM_VERSION}\n\nOne machine ({} cores), same Postgres 15 and Kafka 4.1.1, outbox rows of ~{size} B JSON, backlog {events} events, {seconds} s per rate.\n\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    md.push_str("| | cdc-relay | Debezium | relay / Debezium |\n|---|---|---|---|\n");
+    md.push_str(&format!(
+        "| sustained events/s (backlog drain) | {relay_rate:.0} | {dbz_rate:.0} | {:.1}× |\n",
+        relay_rate / dbz_rate
+    ));
+    for (k, f) in fractions.iter().enumerate() {
+        let (r, (rp50, rp95, rp99), rn) = relay_points[k];
+        let (_, (dp50, dp95, dp99), dn) = dbz_points[k];
+        md.push_str(&format!(
+            "| commit→visible at {r:.0}/s ({:.0}% of Debezium's peak): p50 / p95 / p99 ms | {rp50:.1} / {rp95:.1} / {rp99:.1} ({rn} events) | {dp50:.1} / {dp95:.1} / {dp99:.1} ({dn} events) | p99 {:.2}× |\n",
+            f * 100.0,
+            rp99 / dp99
+        ));
+    }
+    md.push_str(&format!(
+        "| peak RSS MiB | {relay_rss:.1} | {dbz_rss:.1} (JVM, -Xmx1g) | {:.3}× |\n",
+        relay_rss / dbz_rss
+    ));
+    md.push_str(&format!(
+        "\nRaw ceilings on the same machine: pg_recvlogical (pgoutput to /dev/null) {pg_ceiling:.0} events/s; Kafka ProducerPerformance ({size} B records, acks=all, linger 5 ms) {kafka_ceiling:.0} records/s. The relay reaches {:.0}% of the lower one.\n",
+        100.0 * relay_rate / lower_ceiling
+    ));
+    md.push_str(&format!(
+        "\nTargets: relay ≥ 3× Debezium's sustained rate: {:.1}×; ≥ 70% of the lower raw ceiling: {:.0}%; p99 at half Debezium's peak ≤ a fifth of Debezium's: {:.2}×; RSS ≤ a tenth: {:.3}×.\n",
+        relay_rate / dbz_rate,
+        100.0 * relay_rate / lower_ceiling,
+        half(&relay_points) / half(&dbz_points),
+        relay_rss / dbz_rss
+    ));
+    md.push_str("\nDebezium settings: pgoutput, snapshot.mode=no_data, poll.interval.ms=10, max.batch.size=8192, max.queue.size=32768, StringConverter, EventRouter keyed by aggregate_id; producer linger.ms=5, acks=all, idempotent. cdc-relay: defaults (exactly-once, Avro through the schema registry, linger 5 ms).\n");
+    let results = root().join("loadtest/results");
+    std::fs::create_dir_all(&results).unwrap();
+    std::fs::write(results.join("compare.md"), &md).unwrap();
+    let points = |pts: &[(f64, (f64, f64, f64), usize)]| {
+        pts.iter()
+            .map(|(r, (a, b, c), n)| serde_json::json!({"rate": r, "p50": a, "p95": b, "p99": c, "n": n}))
+            .collect::<Vec<_>>()
+    };
+    let json = serde_json::json!({
+        "relay": {"sustained": relay_rate, "rss_mib": relay_rss, "points": points(&relay_points)},
+        "debezium": {"sustained": dbz_rate, "rss_mib": dbz_rss, "points": points(&dbz_points)},
+        "ceilings": {"pg_recvlogical": pg_ceiling, "kafka_producer": kafka_ceiling},
+    });
+    std::fs::write(
+        results.join("compare.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    println!("{md}");
+    let _ = std::fs::remove_dir_all(dbz_dir);
+    test_support::delete_topics_with_prefix(&prefix).await;
+    drop(owner);
+    drop(relay_sql);
+    db.cleanup().await;
+}
