@@ -12,6 +12,7 @@ import http from 'k6/http';
 import { check } from 'k6';
 import exec from 'k6/execution';
 import { Trend, Counter } from 'k6/metrics';
+import { constantRate } from './lib/scenario.js';
 
 const BASE = __ENV.BASE_URL || 'http://127.0.0.1:8080';
 const LAG = __ENV.LAG_URL || 'http://127.0.0.1:7878';
@@ -24,14 +25,7 @@ const created = new Counter('lag_events_created');
 export const options = {
   teardownTimeout: '180s',
   scenarios: {
-    writes: {
-      executor: 'constant-arrival-rate',
-      rate: Number(__ENV.RATE || 100),
-      timeUnit: '1s',
-      duration: __ENV.DURATION || '20s',
-      preAllocatedVUs: 20,
-      maxVUs: 100,
-    },
+    writes: constantRate(),
   },
   thresholds: {
     http_req_failed: ['rate<0.01'],

@@ -8,6 +8,7 @@ import grpc from 'k6/net/grpc';
 import { check, sleep } from 'k6';
 import exec from 'k6/execution';
 import { Trend } from 'k6/metrics';
+import { constantRate } from './lib/scenario.js';
 
 const ADDR = __ENV.GRPC_ADDR || '127.0.0.1:9090';
 const RUN = __ENV.RUN_ID || `k6-${Date.now()}`;
@@ -18,14 +19,7 @@ client.load(['../api-grpc/proto'], 'kafkify/task/v1/task.proto');
 
 export const options = {
   scenarios: {
-    process: {
-      executor: 'constant-arrival-rate',
-      rate: Number(__ENV.RATE || 100),
-      timeUnit: '1s',
-      duration: __ENV.DURATION || '20s',
-      preAllocatedVUs: 20,
-      maxVUs: 100,
-    },
+    process: constantRate(),
   },
   thresholds: {
     checks: ['rate>0.99'],

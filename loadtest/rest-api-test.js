@@ -6,6 +6,7 @@
 import http from 'k6/http';
 import { check } from 'k6';
 import exec from 'k6/execution';
+import { constantRate } from './lib/scenario.js';
 
 const BASE = __ENV.BASE_URL || 'http://127.0.0.1:8080';
 const RUN = __ENV.RUN_ID || `k6-${Date.now()}`;
@@ -13,14 +14,7 @@ const JSON_HEADERS = { 'Content-Type': 'application/json' };
 
 export const options = {
   scenarios: {
-    crud: {
-      executor: 'constant-arrival-rate',
-      rate: Number(__ENV.RATE || 100),
-      timeUnit: '1s',
-      duration: __ENV.DURATION || '20s',
-      preAllocatedVUs: 20,
-      maxVUs: 100,
-    },
+    crud: constantRate(),
   },
   thresholds: {
     http_req_failed: ['rate<0.01'],

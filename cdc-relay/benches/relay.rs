@@ -14,12 +14,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
-use rdkafka::Message;
-use test_support::bench::percentile;
+use test_support::bench::{drain, outbox_insert_sql, percentile, rss_peak_mib, topic_exists};
 use test_support::service::Service;
-use test_support::{consumer_group, stack, unique, Source, TestDb};
+use test_support::{stack, unique, Source, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cdc-relay");
 
@@ -58,113 +55,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-/// SQL that inserts `n` outbox rows whose JSON payload is about `size` bytes, all in one
-/// statement (and so one transaction); keys cycle through 100 aggregates.
-fn insert_sql(n: usize, size: usize, offset: usize) -> String {
-    // The fixed part of the payload is ~230 bytes; the description pads it to `size`.
-    let pad = size.saturating_sub(230).max(1);
-    format!(
-        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
-         SELECT gen_random_uuid(), 'resource', 'k' || (i % 100), 'resource.created',
-                jsonb_build_object('resource_id', gen_random_uuid()::text, 'name', 'bench-' || i,
-                  'description', repeat('x', {pad}), 'attributes', jsonb_build_object('n', i::text),
-                  'version', i, 'created_at', (extract(epoch from clock_timestamp()) * 1000000)::bigint)
-         FROM generate_series({}, {}) AS i",
-        offset + 1,
-        offset + n
-    )
-}
-
-fn topic_exists(topic: &str) -> bool {
-    stack()
-        .kafka_admin()
-        .inner()
-        .fetch_metadata(Some(topic), Duration::from_secs(5))
-        .map(|md| {
-            md.topics()
-                .first()
-                .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
-        })
-        .unwrap_or(false)
-}
-
-fn rss_peak_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64
-}
-
-/// Reads `topic` (from its start, or from its current end) until `n` records arrived; returns
-/// (arrival instants, latencies in ms, bytes).
-async fn drain(
-    topic: &str,
-    n: usize,
-    limit: Duration,
-    from_end: bool,
-) -> (Vec<Instant>, Vec<f64>, usize) {
-    let consumer: StreamConsumer = stack()
-        .kafka_config()
-        .set("group.id", consumer_group("bench"))
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .unwrap();
-    // Assigned, not subscribed: no group join delays the first record.
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        let offset = if from_end {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .unwrap();
-            rdkafka::Offset::Offset(high)
-        } else {
-            rdkafka::Offset::Beginning
-        };
-        tpl.add_partition_offset(topic, p.id(), offset).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut arrivals = Vec::with_capacity(n);
-    let mut latencies = Vec::with_capacity(n);
-    let mut bytes = 0;
-    let deadline = Instant::now() + limit;
-    while arrivals.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(msg) = tokio::time::timeout(left, consumer.recv()).await else {
-            eprintln!("time limit: {} of {n} records arrived", arrivals.len());
-            break;
-        };
-        let msg = msg.unwrap();
-        let now = now_micros();
-        arrivals.push(Instant::now());
-        bytes += msg.payload_len();
-        let commit_ts = msg
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "commit_ts"))
-            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok());
-        if let Some(ts) = commit_ts {
-            latencies.push((now - ts) as f64 / 1000.0);
-        }
-    }
-    (arrivals, latencies, bytes)
 }
 
 fn relay_env(
@@ -209,7 +99,7 @@ async fn main() {
     let per_tx = 100;
     for i in (0..a.events).step_by(per_tx) {
         owner
-            .batch_execute(&insert_sql(per_tx.min(a.events - i), a.size, i))
+            .batch_execute(&outbox_insert_sql(per_tx.min(a.events - i), a.size, i))
             .await
             .unwrap();
     }
@@ -224,13 +114,11 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (arrivals, _, bytes) = drain(&topic, a.events, Duration::from_secs(600), false).await;
-    let drain_secs = match (arrivals.first(), arrivals.last()) {
-        (Some(f), Some(l)) if arrivals.len() > 1 => (*l - *f).as_secs_f64(),
-        _ => f64::NAN,
-    };
-    let drain_rate = (arrivals.len() - 1) as f64 / drain_secs;
-    let record_bytes = bytes / arrivals.len().max(1);
+    let drained = drain(&topic, a.events, Duration::from_secs(600), false).await;
+    let arrivals = &drained.arrivals;
+    let drain_rate = drained.rate();
+    let drain_secs = (arrivals.len().max(2) - 1) as f64 / drain_rate;
+    let record_bytes = drained.bytes / arrivals.len().max(1);
 
     // 2. Latency at a fixed rate, relay running. One transaction every 10 ms.
     let ticks = a.seconds * 100;
@@ -241,7 +129,7 @@ async fn main() {
         async move {
             drain(&topic, n, Duration::from_secs(a.seconds + 120), true)
                 .await
-                .1
+                .latencies_ms
         }
     });
     // Let the reader take its position at the end first.
@@ -252,16 +140,18 @@ async fn main() {
     for k in 0..ticks as usize {
         tick.tick().await;
         owner
-            .batch_execute(&insert_sql(per_tick, a.size, a.events + k * per_tick))
+            .batch_execute(&outbox_insert_sql(
+                per_tick,
+                a.size,
+                a.events + k * per_tick,
+            ))
             .await
             .unwrap();
     }
     let offered = n as f64 / started.elapsed().as_secs_f64();
     let mut lat = reader.await.unwrap();
     lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    let rss = rss_peak_kib(relay.pid())
-        .map(|k| k as f64 / 1024.0)
-        .unwrap_or(f64::NAN);
+    let rss = rss_peak_mib(relay.pid());
     let (_, metrics) = relay.get("/metrics").await;
     drop(relay);
 

@@ -22,12 +22,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
-use rdkafka::Message;
-use test_support::bench::{arg, percentile};
+use test_support::bench::{arg, drain, outbox_insert_sql, percentile, rss_peak_mib, topic_exists};
 use test_support::service::{workspace_bin, Service};
-use test_support::{consumer_group, stack, unique, Source, TestDb};
+use test_support::{stack, unique, Source, TestDb};
 
 const DEBEZIUM_VERSION: &str = "3.6.1.Final";
 
@@ -35,139 +32,11 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as f64
-        / 1000.0
-}
-
-/// `n` outbox rows of a ~`size`-byte JSON payload in one statement; keys cycle over 100.
-fn insert_sql(n: usize, size: usize, offset: usize) -> String {
-    let pad = size.saturating_sub(230).max(1);
-    format!(
-        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
-         SELECT gen_random_uuid(), 'resource', 'k' || (i % 100), 'resource.created',
-                jsonb_build_object('resource_id', gen_random_uuid()::text, 'name', 'bench-' || i,
-                  'description', repeat('x', {pad}), 'attributes', jsonb_build_object('n', i::text),
-                  'version', i, 'created_at', (extract(epoch from clock_timestamp()) * 1000000)::bigint)
-         FROM generate_series({}, {}) AS i",
-        offset + 1,
-        offset + n
-    )
-}
-
-fn rss_peak_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-fn topic_exists(topic: &str) -> bool {
-    stack()
-        .kafka_admin()
-        .inner()
-        .fetch_metadata(Some(topic), Duration::from_secs(5))
-        .map(|md| {
-            md.topics()
-                .first()
-                .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
-        })
-        .unwrap_or(false)
-}
-
 async fn wait_topic(topic: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
     while !topic_exists(topic) {
         assert!(Instant::now() < deadline, "{topic} never appeared");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The commit time (ms) a record carries: the relay's `commit_ts` header (µs), else the
-/// payload's `created_at` (µs) for Debezium's plain JSON.
-fn commit_ms(msg: &rdkafka::message::BorrowedMessage<'_>) -> Option<f64> {
-    if let Some(h) = msg.headers() {
-        if let Some(v) = h
-            .iter()
-            .find(|h| h.key == "commit_ts")
-            .and_then(|h| h.value)
-        {
-            return std::str::from_utf8(v)
-                .ok()?
-                .parse::<f64>()
-                .ok()
-                .map(|us| us / 1000.0);
-        }
-    }
-    let v: serde_json::Value = serde_json::from_slice(msg.payload()?).ok()?;
-    // Debezium's StringConverter may wrap the payload once more as a JSON string.
-    let v = match v {
-        serde_json::Value::String(s) => serde_json::from_str(&s).ok()?,
-        v => v,
-    };
-    v["created_at"].as_f64().map(|us| us / 1000.0)
-}
-
-/// Reads `topic` until `n` records arrived: (arrival instants, commit-to-visible ms).
-async fn drain(topic: &str, n: usize, limit: Duration, from_end: bool) -> (Vec<Instant>, Vec<f64>) {
-    let consumer: StreamConsumer = stack()
-        .kafka_config()
-        .set("group.id", consumer_group("compare"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        let offset = if from_end {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .unwrap();
-            rdkafka::Offset::Offset(high)
-        } else {
-            rdkafka::Offset::Beginning
-        };
-        tpl.add_partition_offset(topic, p.id(), offset).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let (mut arrivals, mut lat) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let deadline = Instant::now() + limit;
-    while arrivals.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(msg) = tokio::time::timeout(left, consumer.recv()).await else {
-            eprintln!("  time limit on {topic}: {} of {n} records", arrivals.len());
-            break;
-        };
-        let msg = msg.unwrap();
-        let now = now_ms();
-        arrivals.push(Instant::now());
-        if let Some(c) = commit_ms(&msg) {
-            lat.push((now - c).max(0.0));
-        }
-    }
-    (arrivals, lat)
-}
-
-fn rate_of(arrivals: &[Instant]) -> f64 {
-    match (arrivals.first(), arrivals.last()) {
-        (Some(f), Some(l)) if arrivals.len() > 1 => {
-            (arrivals.len() - 1) as f64 / (*l - *f).as_secs_f64()
-        }
-        _ => f64::NAN,
     }
 }
 
@@ -189,7 +58,7 @@ async fn at_rate(
         async move {
             drain(&topic, n, Duration::from_secs(seconds + 120), true)
                 .await
-                .1
+                .latencies_ms
         }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -210,7 +79,7 @@ async fn at_rate(
                     owed -= 1.0;
                     k += 1;
                     owner
-                        .batch_execute(&insert_sql(1, size, offset + w * 10_000_000 + k))
+                        .batch_execute(&outbox_insert_sql(1, size, offset + w * 10_000_000 + k))
                         .await
                         .unwrap();
                 }
@@ -435,7 +304,7 @@ async fn main() {
     eprintln!("writing the backlog: {events} events of ~{size} B");
     for i in (0..events).step_by(100) {
         owner
-            .batch_execute(&insert_sql(100.min(events - i), size, i))
+            .batch_execute(&outbox_insert_sql(100.min(events - i), size, i))
             .await
             .unwrap();
     }
@@ -476,8 +345,9 @@ async fn main() {
     };
     let relay = Service::spawn(&relay_bin, &relay_env(&db));
     wait_topic(&relay_topic, Duration::from_secs(60)).await;
-    let (arrivals, _) = drain(&relay_topic, events, Duration::from_secs(900), false).await;
-    let relay_rate = rate_of(&arrivals);
+    let relay_rate = drain(&relay_topic, events, Duration::from_secs(900), false)
+        .await
+        .rate();
     let mut relay_rss = rss_peak_mib(relay.pid());
     drop(relay);
     // The relay's slot would pin the WAL Debezium's runs write; the relay makes a new one later.
@@ -489,8 +359,9 @@ async fn main() {
     eprintln!("Debezium {DEBEZIUM_VERSION}: draining the backlog");
     let dbz = start_debezium(&db, &dbz_slot, &prefix);
     wait_topic(&dbz_topic, Duration::from_secs(180)).await;
-    let (arrivals, _) = drain(&dbz_topic, events, Duration::from_secs(1800), false).await;
-    let dbz_rate = rate_of(&arrivals);
+    let dbz_rate = drain(&dbz_topic, events, Duration::from_secs(1800), false)
+        .await
+        .rate();
     let fractions = [0.25, 0.5, 0.75];
     let rates: Vec<f64> = fractions
         .iter()

@@ -144,3 +144,157 @@ pub fn report_against_pgbench(
         quantiles(half)
     );
 }
+
+/// SQL inserting `n` outbox rows whose JSON payload is about `size` bytes, in one statement
+/// (one transaction); keys cycle through 100 aggregates, and the payload's `created_at` is the
+/// inserting transaction's clock in µs.
+pub fn outbox_insert_sql(n: usize, size: usize, offset: usize) -> String {
+    // The fixed part of the payload is ~230 bytes; the description pads it to `size`.
+    let pad = size.saturating_sub(230).max(1);
+    format!(
+        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+         SELECT gen_random_uuid(), 'resource', 'k' || (i % 100), 'resource.created',
+                jsonb_build_object('resource_id', gen_random_uuid()::text, 'name', 'bench-' || i,
+                  'description', repeat('x', {pad}), 'attributes', jsonb_build_object('n', i::text),
+                  'version', i, 'created_at', (extract(epoch from clock_timestamp()) * 1000000)::bigint)
+         FROM generate_series({}, {}) AS i",
+        offset + 1,
+        offset + n
+    )
+}
+
+/// Peak resident memory (VmHWM) of a process, in MiB.
+pub fn rss_peak_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// Whether `topic` exists with partitions.
+pub fn topic_exists(topic: &str) -> bool {
+    stack()
+        .kafka_admin()
+        .inner()
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(5))
+        .map(|md| {
+            md.topics()
+                .first()
+                .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
+        })
+        .unwrap_or(false)
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_micros() as f64 / 1000.0)
+}
+
+/// The commit time (ms) a record carries: the relay's `commit_ts` header (µs), or else the
+/// `created_at` (µs) of a plain JSON payload (Debezium's outbox router has no such header).
+fn commit_ms(msg: &rdkafka::message::BorrowedMessage<'_>) -> Option<f64> {
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+    if let Some(v) = msg
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == "commit_ts"))
+        .and_then(|h| h.value)
+    {
+        return std::str::from_utf8(v)
+            .ok()?
+            .parse::<f64>()
+            .ok()
+            .map(|us| us / 1000.0);
+    }
+    let v: serde_json::Value = serde_json::from_slice(msg.payload()?).ok()?;
+    let v = match v {
+        serde_json::Value::String(s) => serde_json::from_str(&s).ok()?,
+        v => v,
+    };
+    v["created_at"].as_f64().map(|us| us / 1000.0)
+}
+
+/// What [`drain`] saw.
+pub struct Drained {
+    pub arrivals: Vec<std::time::Instant>,
+    /// Commit to arrival at this read_committed consumer, ms, for records that carry a commit
+    /// time.
+    pub latencies_ms: Vec<f64>,
+    pub bytes: usize,
+}
+
+impl Drained {
+    /// Records per second between the first and the last arrival.
+    pub fn rate(&self) -> f64 {
+        match (self.arrivals.first(), self.arrivals.last()) {
+            (Some(f), Some(l)) if self.arrivals.len() > 1 => {
+                (self.arrivals.len() - 1) as f64 / (*l - *f).as_secs_f64()
+            }
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// Reads `topic` with a read_committed consumer (assigned, so no group join delays it), from
+/// its start or its current end, until `n` records arrived or `limit` passed.
+pub async fn drain(topic: &str, n: usize, limit: std::time::Duration, from_end: bool) -> Drained {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use std::time::{Duration, Instant};
+    let consumer: StreamConsumer = stack()
+        .kafka_config()
+        .set("group.id", crate::consumer_group("bench"))
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        let offset = if from_end {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            rdkafka::Offset::Offset(high)
+        } else {
+            rdkafka::Offset::Beginning
+        };
+        tpl.add_partition_offset(topic, p.id(), offset).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Drained {
+        arrivals: Vec::with_capacity(n),
+        latencies_ms: Vec::with_capacity(n),
+        bytes: 0,
+    };
+    let deadline = Instant::now() + limit;
+    while out.arrivals.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(msg) = tokio::time::timeout(left, consumer.recv()).await else {
+            eprintln!(
+                "time limit on {topic}: {} of {n} records arrived",
+                out.arrivals.len()
+            );
+            break;
+        };
+        let msg = msg.unwrap();
+        let now = now_ms();
+        out.arrivals.push(Instant::now());
+        out.bytes += msg.payload_len();
+        if let Some(c) = commit_ms(&msg) {
+            out.latencies_ms.push((now - c).max(0.0));
+        }
+    }
+    out
+}
