@@ -50,9 +50,7 @@ async fn at_rate(
     size: usize,
     offset: usize,
 ) -> Vec<f64> {
-    let ticks = seconds as usize * 100;
-    let per_tick = rate / 100.0;
-    let n = (per_tick * ticks as f64).round() as usize;
+    let n = (rate * seconds as f64).round() as usize;
     let reader = tokio::spawn({
         let topic = topic.to_string();
         async move {
@@ -62,27 +60,21 @@ async fn at_rate(
         }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Several writers so a slow commit does not hold back the next tick's rows.
+    // Several writers, so one slow commit does not hold back the rows after it; writer `w`
+    // writes every `writers`-th of the n rows at its due time.
     let writers = 8;
+    let start = tokio::time::Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
     let mut handles = Vec::new();
     for w in 0..writers {
         let owner = db.owner().await;
         handles.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut owed = 0.0;
-            let mut k = 0;
-            for _ in 0..ticks {
-                tick.tick().await;
-                owed += per_tick / writers as f64;
-                while owed >= 1.0 {
-                    owed -= 1.0;
-                    k += 1;
-                    owner
-                        .batch_execute(&outbox_insert_sql(1, size, offset + w * 10_000_000 + k))
-                        .await
-                        .unwrap();
-                }
+            for k in (w..n).step_by(writers) {
+                tokio::time::sleep_until(start + interval * k as u32).await;
+                owner
+                    .batch_execute(&outbox_insert_sql(1, size, offset + k))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -281,6 +273,10 @@ async fn main() {
     let events = arg("--events", 50_000) as usize;
     let seconds = arg("--seconds", 10);
     let size = arg("--size", 500) as usize;
+    let delivery = std::env::args()
+        .skip_while(|a| a != "--delivery")
+        .nth(1)
+        .unwrap_or_else(|| "exactly-once".into());
     let db = TestDb::create(Source::Rest).await;
     let prefix = format!("{}.", unique("cmp"));
     let relay_topic = format!("{prefix}resource.created");
@@ -320,7 +316,21 @@ async fn main() {
         .execute("SELECT pg_drop_replication_slot($1)", &[&ceiling_slot])
         .await
         .unwrap();
-    let kafka_ceiling = producer_perf_ceiling(&format!("{prefix}perf"), events, size);
+    // The broker does not create topics on demand: the perf test's and Debezium's are made
+    // here, with the relay's partition count (6).
+    let perf_topic = format!("{prefix}perf");
+    fn new(t: &str) -> rdkafka::admin::NewTopic<'_> {
+        rdkafka::admin::NewTopic::new(t, 6, rdkafka::admin::TopicReplication::Fixed(1))
+    }
+    stack()
+        .kafka_admin()
+        .create_topics(
+            &[new(&perf_topic), new(&dbz_topic)],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let kafka_ceiling = producer_perf_ceiling(&perf_topic, events, size);
 
     eprintln!("cdc-relay: draining the backlog");
     let relay_env = |db: &TestDb| {
@@ -332,6 +342,7 @@ async fn main() {
             ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
             ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
             ("LOG_LEVEL", "warn".to_string()),
+            ("RELAY_DELIVERY", delivery.clone()),
         ]
     };
     let relay_bin = {
@@ -438,10 +449,10 @@ async fn main() {
         half(&relay_points) / half(&dbz_points),
         relay_rss / dbz_rss
     ));
-    md.push_str("\nDebezium settings: pgoutput, snapshot.mode=no_data, poll.interval.ms=10, max.batch.size=8192, max.queue.size=32768, StringConverter, EventRouter keyed by aggregate_id; producer linger.ms=5, acks=all, idempotent. cdc-relay: defaults (exactly-once, Avro through the schema registry, linger 5 ms).\n");
+    md.push_str(&format!("\nDebezium settings: pgoutput, snapshot.mode=no_data, poll.interval.ms=10, max.batch.size=8192, max.queue.size=32768, StringConverter, EventRouter keyed by aggregate_id; producer linger.ms=5, acks=all, idempotent. cdc-relay: defaults (Avro through the schema registry, linger 5 ms), delivery {delivery}.\n"));
     let results = root().join("loadtest/results");
     std::fs::create_dir_all(&results).unwrap();
-    std::fs::write(results.join("compare.md"), &md).unwrap();
+    std::fs::write(results.join(format!("compare-{delivery}.md")), &md).unwrap();
     let points = |pts: &[(f64, (f64, f64, f64), usize)]| {
         pts.iter()
             .map(|(r, (a, b, c), n)| serde_json::json!({"rate": r, "p50": a, "p95": b, "p99": c, "n": n}))
@@ -453,7 +464,7 @@ async fn main() {
         "ceilings": {"pg_recvlogical": pg_ceiling, "kafka_producer": kafka_ceiling},
     });
     std::fs::write(
-        results.join("compare.json"),
+        results.join(format!("compare-{delivery}.json")),
         serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();
