@@ -63,6 +63,7 @@ pub struct Completions {
     pub group: String,
     pub registry_url: String,
     pub metrics: ConsumerMetrics,
+    pub db: platform::db::QueryMetrics,
 }
 
 impl Completions {
@@ -146,7 +147,11 @@ impl Completions {
         };
         let mut backoff = Duration::from_millis(200);
         loop {
-            match store::complete(&self.pool, &event).await {
+            match self
+                .db
+                .time("complete_task", store::complete(&self.pool, &event))
+                .await
+            {
                 Ok(true) => return self.metrics.count("applied"),
                 Ok(false) => {
                     // Either a duplicate or a task this database never had.

@@ -87,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = platform::metrics::registry("api-grpc");
     let rpc_metrics = RpcMetrics::register(&mut registry);
+    let query_metrics = rpc_metrics.db.clone();
     let consumer_metrics = ConsumerMetrics::register(&mut registry);
     let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
     let pruner = platform::outbox::Pruner::register(&mut registry);
@@ -113,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         group: config.completions_group.clone(),
         registry_url: config.registry.schema_registry_url.0.clone(),
         metrics: consumer_metrics,
+        db: query_metrics,
     });
     let background = [
         tokio::spawn(completions.run(shutdown.clone())),

@@ -38,6 +38,8 @@ struct RpcLabels {
 pub struct RpcMetrics {
     duration: Family<RpcLabels, Histogram>,
     in_flight: Gauge,
+    /// Shared with the completions consumer.
+    pub db: platform::db::QueryMetrics,
 }
 
 impl RpcMetrics {
@@ -47,6 +49,7 @@ impl RpcMetrics {
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
             }),
             in_flight: Gauge::default(),
+            db: platform::db::QueryMetrics::register(registry),
         };
         registry.register(
             "rpc_duration_seconds",
@@ -268,11 +271,15 @@ impl pb::task_service_server::TaskService for TaskService {
                 // becomes its child.
                 let span = platform::trace::db_span("INSERT", "tasks");
                 let tp = platform::trace::traceparent_of(&span, tp.as_deref());
-                let task =
+                let create =
                     store::create(&self.pool, &r.r#type, &input, key, tp.as_deref(), deadline)
-                        .instrument(span)
-                        .await
-                        .map_err(db_status)?;
+                        .instrument(span);
+                let task = self
+                    .metrics
+                    .db
+                    .time("process_task", create)
+                    .await
+                    .map_err(db_status)?;
                 Ok(Response::new(to_pb(task)))
             })
             .await
@@ -285,7 +292,8 @@ impl pb::task_service_server::TaskService for TaskService {
         self.metrics
             .track("GetTaskStatus", traceparent(&req), async {
                 let id = parse_id(&req.get_ref().id)?;
-                match store::get(&self.pool, id).await.map_err(db_status)? {
+                let task = self.metrics.db.time("get_task", store::get(&self.pool, id));
+                match task.await.map_err(db_status)? {
                     Some(t) => Ok(Response::new(to_pb(t))),
                     None => Err(Status::not_found(format!("no task with id {id}"))),
                 }
@@ -325,7 +333,11 @@ impl pb::task_service_server::TaskService for TaskService {
                     "" => None,
                     token => Some(parse_page_token(token, r.status)?),
                 };
-                let mut tasks = store::list(&self.pool, status, after, limit)
+                let list = store::list(&self.pool, status, after, limit);
+                let mut tasks = self
+                    .metrics
+                    .db
+                    .time("list_tasks", list)
                     .await
                     .map_err(db_status)?;
                 let next_page_token = if tasks.len() as i64 > limit {

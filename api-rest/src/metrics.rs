@@ -15,16 +15,11 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OperationLabel {
-    pub operation: &'static str,
-}
-
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<RequestLabels, Histogram>,
     pub in_flight: Gauge,
-    pub db: Family<OperationLabel, Histogram>,
+    pub db: platform::db::QueryMetrics,
     pub pool: platform::db::PoolMetrics,
 }
 
@@ -38,7 +33,7 @@ impl Metrics {
         let mut m = Metrics {
             requests: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             in_flight: Gauge::default(),
-            db: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            db: platform::db::QueryMetrics::register(registry),
             pool: platform::db::PoolMetrics::default(),
         };
         registry.register(
@@ -51,18 +46,11 @@ impl Metrics {
             "HTTP requests being served",
             m.in_flight.clone(),
         );
-        registry.register(
-            "db_transaction_duration_seconds",
-            "Database work per API operation, pool wait included",
-            m.db.clone(),
-        );
         m.pool = platform::db::PoolMetrics::register(registry);
         m
     }
 
     pub fn observe_db(&self, operation: &'static str, took: Duration) {
-        self.db
-            .get_or_create(&OperationLabel { operation })
-            .observe(took.as_secs_f64());
+        self.db.observe(operation, took);
     }
 }

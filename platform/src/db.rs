@@ -298,3 +298,55 @@ mod tests {
         assert!(!err.contains("topsecret"), "{err}");
     }
 }
+
+/// `db_transaction_duration_seconds{operation}`: the database work of one operation (a
+/// transaction, or one query), pool wait included, so slow queries and a starved pool both
+/// show.
+#[derive(Clone)]
+pub struct QueryMetrics {
+    duration: prometheus_client::metrics::family::Family<
+        QueryOperation,
+        prometheus_client::metrics::histogram::Histogram,
+    >,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct QueryOperation {
+    operation: &'static str,
+}
+
+impl QueryMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> QueryMetrics {
+        let m = QueryMetrics {
+            duration: prometheus_client::metrics::family::Family::new_with_constructor(|| {
+                prometheus_client::metrics::histogram::Histogram::new(
+                    prometheus_client::metrics::histogram::exponential_buckets(0.00025, 2.0, 16),
+                )
+            }),
+        };
+        registry.register(
+            "db_transaction_duration_seconds",
+            "Database work per operation, pool wait included",
+            m.duration.clone(),
+        );
+        m
+    }
+
+    pub fn observe(&self, operation: &'static str, took: std::time::Duration) {
+        self.duration
+            .get_or_create(&QueryOperation { operation })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Runs `work`, recording how long it took under `operation`.
+    pub async fn time<T>(
+        &self,
+        operation: &'static str,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let started = std::time::Instant::now();
+        let out = work.await;
+        self.observe(operation, started.elapsed());
+        out
+    }
+}

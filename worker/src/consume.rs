@@ -58,6 +58,7 @@ pub struct Metrics {
     duration: Family<TopicLabel, Histogram>,
     dead_lettered: Family<DlqLabels, Counter>,
     lag: platform::kafka::LagGauge,
+    db: platform::db::QueryMetrics,
 }
 
 impl Metrics {
@@ -68,6 +69,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
             }),
             dead_lettered: Family::default(),
+            db: platform::db::QueryMetrics::register(registry),
             lag: Family::default(),
         };
         registry.register(
@@ -334,10 +336,10 @@ impl Lane {
                     traceparent: tp.as_deref(),
                     ..origin
                 };
-                match store::record(&self.worker.pool, &origin, &decoded, completion.as_ref())
-                    .instrument(span)
-                    .await
-                {
+                let record =
+                    store::record(&self.worker.pool, &origin, &decoded, completion.as_ref())
+                        .instrument(span);
+                match self.worker.metrics.db.time("record_event", record).await {
                     Ok(true) => Ok("recorded"),
                     Ok(false) => Ok("duplicate"),
                     Err(e) => Err(Retry(e.to_string())),
