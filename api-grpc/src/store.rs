@@ -134,22 +134,16 @@ pub async fn create(
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
         [&id, &task_type, input, &idempotency_key, &now];
     let Some(key) = idempotency_key else {
-        // Without a key nothing can conflict, so the whole transaction goes out in one write
-        // and one round trip: BEGIN, both inserts and COMMIT are queued on the connection by
-        // the first poll of the join, in this order. If an insert fails, Postgres turns the
-        // queued COMMIT into a rollback, so a failure still leaves neither row; a caller that
-        // gives up after the first poll cannot stop the COMMIT either, exactly as with a COMMIT
-        // already sent. Three round trips became one: see the ProcessTask benchmark.
-        let insert = client.prepare_cached(&insert_sql).await?;
-        let outbox = platform::outbox::prepare(&client).await?;
-        let row = platform::outbox::Row::new(&event, traceparent);
-        let row_params = row.params();
-        let (_, created, _, _) = tokio::try_join!(
-            client.batch_execute(&begin),
-            client.query_opt(&insert, &params),
-            client.execute(&outbox, &row_params),
-            client.batch_execute("COMMIT"),
-        )?;
+        // Without a key nothing can conflict: the whole transaction goes out in one round trip.
+        let created = platform::outbox::write_with_event(
+            &client,
+            &begin,
+            &insert_sql,
+            &params,
+            &event,
+            traceparent,
+        )
+        .await?;
         // RETURNING always yields the row when the insert happened.
         return created
             .map(|r| task(&r))

@@ -46,6 +46,35 @@ pub struct Idempotency<'a> {
     pub request_hash: Vec<u8>,
 }
 
+const INSERT_RESOURCE: &str =
+    "INSERT INTO resources (id, name, description, attributes, version, created_at, updated_at)
+     VALUES ($1, $2, $3, $4, 1, $5, $5)";
+
+/// A new resource (version 1, now) and its `resource.created` event.
+fn new_resource(id: Uuid, input: &ResourceInput) -> (Resource, ResourceCreated) {
+    let now = Utc::now();
+    // Postgres keeps microseconds; so must the event and the response.
+    let now = DateTime::<Utc>::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+    let created = Resource {
+        id,
+        name: input.name.clone(),
+        description: input.description.clone(),
+        attributes: input.attributes.clone(),
+        version: 1,
+        created_at: now,
+        updated_at: now,
+    };
+    let event = ResourceCreated {
+        resource_id: created.id,
+        name: created.name.clone(),
+        description: created.description.clone(),
+        attributes: created.attributes.clone(),
+        version: created.version,
+        created_at: now.timestamp_micros(),
+    };
+    (created, event)
+}
+
 pub async fn create(
     pool: &Pool,
     input: &ResourceInput,
@@ -53,8 +82,34 @@ pub async fn create(
     traceparent: Option<&str>,
 ) -> Result<Created, ApiError> {
     let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
     let id = Uuid::now_v7();
+    if idempotency.is_none() {
+        // Without a key nothing can conflict: the whole transaction goes out in one round trip.
+        let (created, event) = new_resource(id, input);
+        let attributes = attributes_json(&input.attributes);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &id,
+            &input.name,
+            &input.description,
+            &attributes,
+            &created.created_at,
+        ];
+        platform::outbox::write_with_event(
+            &client,
+            "BEGIN",
+            INSERT_RESOURCE,
+            &params,
+            &event,
+            traceparent,
+        )
+        .await?;
+        return Ok(Created {
+            status: 201,
+            body: serde_json::to_value(&created).unwrap_or_default(),
+            replayed: false,
+        });
+    }
+    let tx = client.transaction().await?;
     if let Some(idem) = &idempotency {
         // A concurrent request with the same key waits here until the first commits, then
         // replays its response.
@@ -97,32 +152,9 @@ pub async fn create(
     }
     // The row's values are all known here, so the resource and its event are sent together
     // (tokio-postgres pipelines them on the connection): one round trip instead of two.
-    let now = Utc::now();
-    // Postgres keeps microseconds; so must the event and the response.
-    let now = DateTime::<Utc>::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-    let created = Resource {
-        id,
-        name: input.name.clone(),
-        description: input.description.clone(),
-        attributes: input.attributes.clone(),
-        version: 1,
-        created_at: now,
-        updated_at: now,
-    };
-    let event = ResourceCreated {
-        resource_id: created.id,
-        name: created.name.clone(),
-        description: created.description.clone(),
-        attributes: created.attributes.clone(),
-        version: created.version,
-        created_at: now.timestamp_micros(),
-    };
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO resources (id, name, description, attributes, version, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, 1, $5, $5)",
-        )
-        .await?;
+    let (created, event) = new_resource(id, input);
+    let now = created.created_at;
+    let stmt = tx.prepare_cached(INSERT_RESOURCE).await?;
     let attributes = attributes_json(&input.attributes);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
         [&id, &input.name, &input.description, &attributes, &now];

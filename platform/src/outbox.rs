@@ -21,12 +21,32 @@ pub async fn insert<E: Event>(
     Ok(row.id)
 }
 
-/// The outbox statement, prepared (and cached) on `client`, for callers that pipeline it with
-/// the rest of their transaction.
-pub async fn prepare(
+/// One transaction, one round trip: `begin` (e.g. `BEGIN`, optionally with `SET LOCAL`s),
+/// `statement` with `params` (its row, if it returns one), the outbox row of `event`, and
+/// COMMIT are queued on the connection by the first poll, in this order. If either insert
+/// fails, Postgres turns the queued COMMIT into a rollback, so a failure still leaves neither
+/// row; a caller that gives up after the first poll cannot stop the COMMIT, exactly as with a
+/// COMMIT already sent. Statements are prepared (and cached) first, so nothing waits between
+/// BEGIN and COMMIT.
+pub async fn write_with_event<E: Event>(
     client: &deadpool_postgres::Client,
-) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-    client.prepare_cached(INSERT).await
+    begin: &str,
+    statement: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    event: &E,
+    traceparent: Option<&str>,
+) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(statement).await?;
+    let outbox = client.prepare_cached(INSERT).await?;
+    let row = Row::new(event, traceparent);
+    let row_params = row.params();
+    let (_, written, _, _) = tokio::try_join!(
+        client.batch_execute(begin),
+        client.query_opt(&statement, params),
+        client.execute(&outbox, &row_params),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(written)
 }
 
 /// One outbox row's parameters, in the order of the prepared statement.
