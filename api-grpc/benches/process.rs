@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use api_grpc::pb::task_service_client::TaskServiceClient;
 use api_grpc::pb::ProcessTaskRequest;
-use test_support::bench::{arg, median_round, pgbench, report_against_pgbench, Round, Run};
+use test_support::bench::{
+    alternate_with_pgbench, arg, median_round, pgbench, report_against_pgbench, Run,
+};
 use test_support::service::{free_port, Service};
 use test_support::{stack, Source, TestDb};
 use tonic::transport::Channel;
@@ -149,27 +151,12 @@ async fn main() {
     let clients = channels(port, 4).await;
 
     closed_loop(&clients, workers, 2).await;
-    let rounds: Vec<Round> = {
-        let mut rounds = Vec::new();
-        for _ in 0..arg("--rounds", 3) {
-            let (rate, latencies_ms, errors) = closed_loop(&clients, workers, seconds).await;
-            let api = Run {
-                rate,
-                latencies_ms,
-                errors,
-            };
-            let pg_tps = pgbench(&db, PGBENCH_SCRIPT, workers as u64, seconds);
-            rounds.push(Round { api, pg_tps });
-        }
-        rounds
-    };
+    let rounds = alternate_with_pgbench(&db, PGBENCH_SCRIPT, workers as u64, seconds, || async {
+        Run::from(closed_loop(&clients, workers, seconds).await)
+    })
+    .await;
     let peak = median_round(&rounds).api.rate;
-    let (rate, latencies_ms, errors) = open_loop(&clients, peak / 2.0, seconds).await;
-    let half = Run {
-        rate,
-        latencies_ms,
-        errors,
-    };
+    let half = Run::from(open_loop(&clients, peak / 2.0, seconds).await);
     report_against_pgbench(
         "api-grpc ProcessTask",
         "tasks",

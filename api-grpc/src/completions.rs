@@ -101,17 +101,13 @@ impl Completions {
         );
         consumer.subscribe(&[&self.topic])?;
         let decoder = AvroDecoder::new(SrSettings::new(self.registry_url.clone()));
-        let watermarks = Arc::new(platform::kafka::watermark_client(&self.kafka)?);
+        let lag = platform::kafka::LagSampler::new(&self.kafka, self.metrics.lag.clone())?;
         let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                // Watermark requests block their thread; the reader must not wait for them.
-                _ = lag_tick.tick() => {
-                    let (consumer, watermarks, metrics) = (consumer.clone(), watermarks.clone(), self.metrics.clone());
-                    tokio::task::spawn_blocking(move || platform::kafka::sample_lag(&*consumer, &watermarks, &metrics.lag));
-                }
+                _ = lag_tick.tick() => lag.spawn(consumer.clone()),
                 msg = consumer.recv() => {
                     let msg = msg?;
                     let span = platform::kafka::consume_span(&msg);

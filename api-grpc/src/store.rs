@@ -109,13 +109,12 @@ pub async fn create(
     // while waiting on a lock rolls back there rather than committing after the caller has
     // been told DEADLINE_EXCEEDED. (Postgres 15 has no transaction_timeout; per statement is
     // the closest bound.)
-    let begin = match deadline {
-        Some(d) => format!(
-            "BEGIN; SET LOCAL statement_timeout = {}",
+    let time_limit = deadline.map(|d| {
+        format!(
+            "SET LOCAL statement_timeout = {}",
             d.as_millis().clamp(1, i32::MAX as u128)
-        ),
-        None => "BEGIN".to_string(),
-    };
+        )
+    });
     let id = Uuid::now_v7();
     let now = Utc::now();
     let now = DateTime::<Utc>::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
@@ -135,6 +134,10 @@ pub async fn create(
         [&id, &task_type, input, &idempotency_key, &now];
     let Some(key) = idempotency_key else {
         // Without a key nothing can conflict: the whole transaction goes out in one round trip.
+        let begin = match &time_limit {
+            Some(limit) => format!("BEGIN; {limit}"),
+            None => "BEGIN".to_string(),
+        };
         let created = platform::outbox::write_with_event(
             &client,
             &begin,
@@ -150,9 +153,8 @@ pub async fn create(
             .ok_or_else(|| StoreError::Db("insert returned no row".into()));
     };
     let tx = client.transaction().await?;
-    if deadline.is_some() {
-        tx.batch_execute(begin.trim_start_matches("BEGIN; "))
-            .await?;
+    if let Some(limit) = &time_limit {
+        tx.batch_execute(limit).await?;
     }
     let insert = tx.prepare_cached(&insert_sql).await?;
     let created = match tx.query_opt(&insert, &params).await? {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use test_support::bench::{arg, median_round, pgbench, report_against_pgbench, Round, Run};
+use test_support::bench::{alternate_with_pgbench, arg, median_round, report_against_pgbench, Run};
 use test_support::service::Service;
 use test_support::{Source, TestDb};
 
@@ -138,27 +138,12 @@ async fn main() {
 
     // Warm-up: connections, prepared statements.
     closed_loop(&api.base, clients, 2).await;
-    let rounds: Vec<Round> = {
-        let mut rounds = Vec::new();
-        for _ in 0..arg("--rounds", 3) {
-            let (rate, latencies_ms, errors) = closed_loop(&api.base, clients, seconds).await;
-            let api = Run {
-                rate,
-                latencies_ms,
-                errors,
-            };
-            let pg_tps = pgbench(&db, PGBENCH_SCRIPT, clients as u64, seconds);
-            rounds.push(Round { api, pg_tps });
-        }
-        rounds
-    };
+    let rounds = alternate_with_pgbench(&db, PGBENCH_SCRIPT, clients as u64, seconds, || async {
+        Run::from(closed_loop(&api.base, clients, seconds).await)
+    })
+    .await;
     let peak = median_round(&rounds).api.rate;
-    let (rate, latencies_ms, errors) = open_loop(&api.base, peak / 2.0, seconds).await;
-    let half = Run {
-        rate,
-        latencies_ms,
-        errors,
-    };
+    let half = Run::from(open_loop(&api.base, peak / 2.0, seconds).await);
     report_against_pgbench(
         "api-rest create",
         "creates",

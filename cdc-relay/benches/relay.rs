@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use test_support::bench::{drain, outbox_insert_sql, percentile, rss_peak_mib, topic_exists};
+use test_support::bench::{drain, outbox_insert_sql, percentile, rss_peak_mib, wait_topic};
 use test_support::service::Service;
 use test_support::{stack, unique, Source, TestDb};
 
@@ -106,14 +106,7 @@ async fn main() {
     let wrote = t.elapsed();
     let relay = Service::spawn(BIN, &relay_env(&db, &prefix, &a.delivery, &a.linger));
     // The relay creates the topic; wait for it before assigning.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !topic_exists(&topic) {
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not create {topic}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_topic(&topic, Duration::from_secs(60)).await;
     let drained = drain(&topic, a.events, Duration::from_secs(600), false).await;
     let arrivals = &drained.arrivals;
     let drain_rate = drained.rate();

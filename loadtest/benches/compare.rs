@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use test_support::bench::{arg, drain, outbox_insert_sql, percentile, rss_peak_mib, topic_exists};
+use test_support::bench::{arg, drain, outbox_insert_sql, percentile, rss_peak_mib, wait_topic};
 use test_support::service::{workspace_bin, Service};
 use test_support::{stack, unique, Source, TestDb};
 
@@ -30,14 +30,6 @@ const DEBEZIUM_VERSION: &str = "3.6.1.Final";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-async fn wait_topic(topic: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !topic_exists(topic) {
-        assert!(Instant::now() < deadline, "{topic} never appeared");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Writes at `rate` rows/s (one row per transaction, 10 ms ticks) for `seconds` while reading

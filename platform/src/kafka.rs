@@ -80,51 +80,68 @@ pub struct PartitionLabel {
 /// Consumer lag per assigned partition: records between the consumer's position and the end.
 pub type LagGauge = Family<PartitionLabel, Gauge>;
 
-/// Sets `lag` for every partition assigned to `consumer`; the end offsets come from
-/// `watermarks`, a separate client ([`watermark_client`]). Asked through the reading consumer,
-/// they queue on its broker connection behind fetches the broker parks for new data, time out,
-/// and the time-outs stalled fetching for seconds (end-to-end p99 went from 0.2 s to 4-7 s).
-/// Watermark requests block, so call it from a blocking thread (`spawn_blocking`).
-pub fn sample_lag<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
-    consumer: &C,
-    watermarks: &rdkafka::consumer::BaseConsumer,
-    lag: &LagGauge,
-) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    let Ok(positions) = consumer.position() else {
-        return;
-    };
-    let positions: HashMap<(String, i32), i64> = positions
-        .elements()
-        .iter()
-        .filter_map(|e| Some(((e.topic().to_string(), e.partition()), e.offset().to_raw()?)))
-        .collect();
-    for e in assignment.elements() {
-        let Ok((_, high)) =
-            watermarks.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
-        else {
-            continue;
-        };
-        let position = positions
-            .get(&(e.topic().to_string(), e.partition()))
-            .copied()
-            .unwrap_or(0)
-            .max(0);
-        let label = PartitionLabel {
-            topic: e.topic().to_string(),
-            partition: e.partition(),
-        };
-        lag.get_or_create(&label).set((high - position).max(0));
-    }
+/// Samples consumer lag into a [`LagGauge`]. The end offsets come from a client of its own
+/// (no group, no subscriptions): asked through the reading consumer, they queue on its broker
+/// connection behind fetches the broker parks for new data, time out, and the time-outs
+/// stalled fetching for seconds (end-to-end p99 went from 0.2 s to 4-7 s).
+#[derive(Clone)]
+pub struct LagSampler {
+    watermarks: std::sync::Arc<rdkafka::consumer::BaseConsumer>,
+    lag: LagGauge,
 }
 
-/// A client that only asks for watermarks, for [`sample_lag`]: no group, no subscriptions.
-pub fn watermark_client(
-    config: &rdkafka::ClientConfig,
-) -> rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> {
-    config.clone().set("enable.auto.commit", "false").create()
+impl LagSampler {
+    pub fn new(config: &ClientConfig, lag: LagGauge) -> rdkafka::error::KafkaResult<LagSampler> {
+        let watermarks = config.clone().set("enable.auto.commit", "false").create()?;
+        Ok(LagSampler {
+            watermarks: std::sync::Arc::new(watermarks),
+            lag,
+        })
+    }
+
+    /// Samples on a blocking thread: watermark requests block, and the task reading records
+    /// must not wait for them.
+    pub fn spawn<C, X>(&self, consumer: std::sync::Arc<C>)
+    where
+        C: Consumer<X> + Send + Sync + 'static,
+        X: rdkafka::consumer::ConsumerContext + 'static,
+    {
+        let sampler = self.clone();
+        tokio::task::spawn_blocking(move || sampler.sample(&*consumer));
+    }
+
+    /// Sets the lag of every partition assigned to `consumer`.
+    fn sample<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(&self, consumer: &C) {
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        let positions: HashMap<(String, i32), i64> = positions
+            .elements()
+            .iter()
+            .filter_map(|e| Some(((e.topic().to_string(), e.partition()), e.offset().to_raw()?)))
+            .collect();
+        for e in assignment.elements() {
+            let Ok((_, high)) =
+                self.watermarks
+                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
+            else {
+                continue;
+            };
+            let position = positions
+                .get(&(e.topic().to_string(), e.partition()))
+                .copied()
+                .unwrap_or(0)
+                .max(0);
+            let label = PartitionLabel {
+                topic: e.topic().to_string(),
+                partition: e.partition(),
+            };
+            self.lag.get_or_create(&label).set((high - position).max(0));
+        }
+    }
 }
 
 /// The consumer span for one record: see [`crate::trace::consume_span`]. The `traceparent` and

@@ -50,8 +50,8 @@ pub async fn write_with_event<E: Event>(
 }
 
 /// One outbox row's parameters, in the order of the prepared statement.
-pub struct Row<'a> {
-    pub id: uuid::Uuid,
+struct Row<'a> {
+    id: uuid::Uuid,
     aggregate_type: &'static str,
     aggregate_id: String,
     event_type: &'static str,
@@ -60,7 +60,7 @@ pub struct Row<'a> {
 }
 
 impl<'a> Row<'a> {
-    pub fn new<E: Event>(event: &E, traceparent: Option<&'a str>) -> Row<'a> {
+    fn new<E: Event>(event: &E, traceparent: Option<&'a str>) -> Row<'a> {
         Row {
             id: uuid::Uuid::now_v7(),
             aggregate_type: E::AGGREGATE_TYPE,
@@ -72,7 +72,7 @@ impl<'a> Row<'a> {
         }
     }
 
-    pub fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
         [
             &self.id,
             &self.aggregate_type,

@@ -27,11 +27,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans leave the process (an OTLP endpoint is configured).
-    pub fn exporting(&self) -> bool {
-        self.exporting
-    }
-
     /// Flushes and stops the exporter; call once, last thing before exit.
     pub fn shutdown(self) {
         if let Err(e) = self.provider.shutdown() {

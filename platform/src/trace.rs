@@ -69,7 +69,7 @@ pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> Option<St
     }
 }
 
-/// The trace and span id of `span`, for tests and for the log lines.
+/// The trace and span id of `span` (tests use it to match log lines to spans).
 pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
     let cx = span.context();
     let sc = cx.span().span_context().clone();

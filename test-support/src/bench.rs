@@ -75,6 +75,16 @@ pub struct Run {
     pub errors: usize,
 }
 
+impl From<(f64, Vec<f64>, usize)> for Run {
+    fn from((rate, latencies_ms, errors): (f64, Vec<f64>, usize)) -> Run {
+        Run {
+            rate,
+            latencies_ms,
+            errors,
+        }
+    }
+}
+
 fn quantiles(run: &Run) -> String {
     let l = &run.latencies_ms;
     format!(
@@ -98,6 +108,28 @@ impl Round {
     pub fn ratio(&self) -> f64 {
         self.api.rate / self.pg_tps
     }
+}
+
+/// `--rounds` (default 3) rounds of `api_run` (a closed-loop run of the API) each followed by
+/// pgbench running `script` with the same clients and seconds.
+pub async fn alternate_with_pgbench<F, Fut>(
+    db: &TestDb,
+    script: &str,
+    clients: u64,
+    seconds: u64,
+    mut api_run: F,
+) -> Vec<Round>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Run>,
+{
+    let mut rounds = Vec::new();
+    for _ in 0..arg("--rounds", 3) {
+        let api = api_run().await;
+        let pg_tps = pgbench(db, script, clients, seconds);
+        rounds.push(Round { api, pg_tps });
+    }
+    rounds
 }
 
 /// The round with the median API/pgbench ratio.
@@ -179,7 +211,7 @@ pub fn rss_peak_mib(pid: u32) -> f64 {
 }
 
 /// Whether `topic` exists with partitions.
-pub fn topic_exists(topic: &str) -> bool {
+fn topic_exists(topic: &str) -> bool {
     stack()
         .kafka_admin()
         .inner()
@@ -190,6 +222,18 @@ pub fn topic_exists(topic: &str) -> bool {
                 .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
         })
         .unwrap_or(false)
+}
+
+/// Waits until `topic` exists (a service creates it), failing after `limit`.
+pub async fn wait_topic(topic: &str, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while !topic_exists(topic) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic} did not appear within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 fn now_ms() -> f64 {

@@ -165,17 +165,13 @@ impl Worker {
         let mut lanes: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
         let mut handles = Vec::new();
         let lanes_done = CancellationToken::new();
-        let watermarks = Arc::new(platform::kafka::watermark_client(&self.kafka)?);
+        let lag = platform::kafka::LagSampler::new(&self.kafka, self.metrics.lag.clone())?;
         let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
         let result = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
-                // Watermark requests block their thread; the reader must not wait for them.
-                _ = lag_tick.tick() => {
-                    let (consumer, watermarks, metrics) = (consumer.clone(), watermarks.clone(), self.metrics.clone());
-                    tokio::task::spawn_blocking(move || platform::kafka::sample_lag(&*consumer, &watermarks, &metrics.lag));
-                }
+                _ = lag_tick.tick() => lag.spawn(consumer.clone()),
                 msg = consumer.recv() => {
                     let msg = match msg {
                         Ok(m) => m.detach(),
@@ -314,6 +310,12 @@ impl Lane {
                     }
                     _ => None,
                 };
+                // The task.completed row continues the trace from this write's span.
+                let span = platform::trace::db_span("INSERT", "processed_events");
+                let tp = platform::trace::traceparent_of(
+                    &span,
+                    headers.get("traceparent").map(String::as_str),
+                );
                 let origin = Origin {
                     event_id,
                     topic: msg.topic(),
@@ -324,17 +326,7 @@ impl Lane {
                         .get("commit_ts")
                         .and_then(|v| v.parse::<i64>().ok())
                         .and_then(chrono::DateTime::from_timestamp_micros),
-                    traceparent: None,
-                };
-                // The task.completed row continues the trace from this write's span.
-                let span = platform::trace::db_span("INSERT", "processed_events");
-                let tp = platform::trace::traceparent_of(
-                    &span,
-                    headers.get("traceparent").map(String::as_str),
-                );
-                let origin = Origin {
                     traceparent: tp.as_deref(),
-                    ..origin
                 };
                 let record =
                     store::record(&self.worker.pool, &origin, &decoded, completion.as_ref())
