@@ -5,8 +5,8 @@
 //!   before it, so nothing committed is ever lost;
 //! - exactly-once: each batch of whole Postgres transactions is one Kafka transaction with the
 //!   checkpoint; after a restart, transactions at or below the checkpoint are skipped;
-//! - order per aggregate: events are produced in commit order by one producer, keyed by
-//!   aggregate id;
+//! - order per aggregate: events are produced in commit order, keyed by aggregate id; a batch
+//!   is sent only after the one before it was appended (see `producer::Sink::start`);
 //! - when the outbox is idle, keepalives move the acknowledged position so the slot does not
 //!   pin WAL;
 //! - the slot is the lock: a second relay waits on an active slot and takes over when it frees.
@@ -24,7 +24,7 @@ use crate::encode::{encode_payload, headers, KafkaRecord, Origin};
 use crate::metrics::{Metrics, SourceLabel, TopicLabel};
 use crate::outbox::{OutboxColumns, OutboxError, OutboxEvent};
 use crate::pgoutput::{self, Lsn, Message, PG_EPOCH_OFFSET_MICROS};
-use crate::producer::{Sink, SinkError};
+use crate::producer::{Outgoing, Progress, Sink, SinkError};
 use crate::registry::SchemaCache;
 
 /// Where events the relay cannot encode go when their event type is unknown (a known type's
@@ -254,8 +254,9 @@ async fn session(
         relations: HashMap::new(),
         open: None,
         batch: Batch::default(),
+        in_flight: 0,
     };
-    let result = stream.run(&mut repl, &sink, shutdown).await;
+    let result = stream.run(&mut repl, sink, shutdown).await;
     repl.stop();
     let _ = tokio::time::timeout(Duration::from_secs(5), repl.shutdown()).await;
     result
@@ -270,41 +271,84 @@ struct Stream<'a> {
     relations: HashMap<u32, Option<Result<OutboxColumns, OutboxError>>>,
     open: Option<OpenTx>,
     batch: Batch,
+    /// Batches handed to the sink and not yet acknowledged by Kafka.
+    in_flight: usize,
+}
+
+/// What the stream needs back when Kafka acknowledges a batch.
+struct Receipt {
+    /// (commit time, events) of each transaction in the batch, for the latency histogram.
+    commits: Vec<(i64, usize)>,
+    per_topic: HashMap<String, u64>,
+    events: usize,
 }
 
 impl Stream<'_> {
     async fn run(
         &mut self,
         repl: &mut ReplicationClient,
-        sink: &Sink,
+        sink: Sink,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionError> {
         let linger = self.ctx.config.batch_linger;
         let max_events = self.ctx.config.batch_max_events as usize;
+        let (batches, mut progress) = sink.start::<Receipt>();
+        // The sink takes a batch only when it can send it at once; until then the next batch
+        // keeps growing, so a slow Kafka means bigger transactions, not a queue of small ones.
+        let mut sink_ready = false;
         loop {
-            let flush_at = self
-                .batch
-                .first_at
-                .map(|t| tokio::time::Instant::from_std(t + linger));
+            let full = self.batch.records.len() >= max_events;
+            let flush_at = match self.batch.first_at {
+                Some(t) if sink_ready && !full => Some(tokio::time::Instant::from_std(t + linger)),
+                Some(_) if sink_ready => Some(tokio::time::Instant::now()),
+                _ => None,
+            };
             tokio::select! {
                 biased;
                 // Stop first: what is complete is published, a half-received transaction is
                 // left for the next run (Postgres re-sends it).
-                _ = shutdown.cancelled() => {
-                    self.flush(repl, sink).await?;
-                    return Ok(());
+                _ = shutdown.cancelled() => break,
+                p = progress.recv() => sink_ready |= self.progress(p, repl)?,
+                _ = sleep_until(flush_at), if flush_at.is_some() => {
+                    self.hand_over(&batches).await?;
+                    sink_ready = false;
                 }
-                _ = sleep_until(flush_at), if flush_at.is_some() => self.flush(repl, sink).await?,
-                event = repl.recv() => {
-                    match event? {
-                        Some(event) => self.handle(event, repl)?,
-                        None => return Err(SessionError::StreamEnded),
-                    }
-                    if self.batch.records.len() >= max_events {
-                        self.flush(repl, sink).await?;
-                    }
-                }
+                // A full batch waits for the sink: Postgres holds the rest meanwhile.
+                event = repl.recv(), if !full => match event? {
+                    Some(event) => self.handle(event, repl)?,
+                    None => return Err(SessionError::StreamEnded),
+                },
             }
+        }
+        // Publish what is complete, then wait until Kafka has acknowledged all of it.
+        while !self.batch.records.is_empty() || self.in_flight > 0 {
+            if sink_ready && !self.batch.records.is_empty() {
+                self.hand_over(&batches).await?;
+                sink_ready = false;
+            }
+            sink_ready |= self.progress(progress.recv().await, repl)?;
+        }
+        Ok(())
+    }
+
+    /// Applies one report of the sink; true when it takes the next batch.
+    fn progress(
+        &mut self,
+        report: Option<Progress<Receipt>>,
+        repl: &ReplicationClient,
+    ) -> Result<bool, SessionError> {
+        match report {
+            Some(Progress::Ready) => Ok(true),
+            Some(Progress::Acked {
+                upto,
+                meta,
+                elapsed,
+            }) => {
+                self.acked(repl, upto, meta, elapsed);
+                Ok(false)
+            }
+            Some(Progress::Failed(e)) => Err(e.into()),
+            None => Err(SinkError::Task("the Kafka pipeline stopped".into()).into()),
         }
     }
 
@@ -374,10 +418,13 @@ impl Stream<'_> {
                         .transactions_skipped
                         .get_or_create(&self.label)
                         .inc();
-                    if self.batch.records.is_empty() {
+                    if self.batch.records.is_empty() && self.in_flight == 0 {
                         repl.update_applied_lsn(end_lsn);
                     }
-                } else if open.records.is_empty() && self.batch.records.is_empty() {
+                } else if open.records.is_empty()
+                    && self.batch.records.is_empty()
+                    && self.in_flight == 0
+                {
                     repl.update_applied_lsn(end_lsn);
                 } else {
                     if !open.records.is_empty() {
@@ -396,6 +443,7 @@ impl Stream<'_> {
                 if self.open.is_none()
                     && self.batch.records.is_empty()
                     && self.batch.last_lsn.is_none()
+                    && self.in_flight == 0
                 {
                     repl.update_applied_lsn(wal_end);
                 }
@@ -406,37 +454,63 @@ impl Stream<'_> {
         Ok(())
     }
 
-    async fn flush(&mut self, repl: &ReplicationClient, sink: &Sink) -> Result<(), SessionError> {
+    /// Hands the batch of complete transactions to the sink.
+    async fn hand_over(
+        &mut self,
+        batches: &tokio::sync::mpsc::Sender<Outgoing<Receipt>>,
+    ) -> Result<(), SessionError> {
         let Some(upto) = self.batch.last_lsn else {
             return Ok(());
         };
         let batch = std::mem::take(&mut self.batch);
-        let metrics = &self.ctx.metrics;
         let mut per_topic: HashMap<String, u64> = HashMap::new();
         for r in &batch.records {
             *per_topic.entry(r.topic.clone()).or_default() += 1;
         }
-        let n = batch.records.len();
-        let started = Instant::now();
-        sink.publish(batch.records, upto).await?;
-        metrics
-            .kafka_transaction
-            .observe(started.elapsed().as_secs_f64());
-        metrics.batch_events.observe(n as f64);
+        let meta = Receipt {
+            commits: batch.commits,
+            per_topic,
+            events: batch.records.len(),
+        };
+        batches
+            .send(Outgoing {
+                records: batch.records,
+                upto,
+                meta,
+            })
+            .await
+            .map_err(|_| SinkError::Task("the Kafka pipeline stopped".into()))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Kafka holds everything up to `upto`: Postgres may release it.
+    fn acked(&mut self, repl: &ReplicationClient, upto: Lsn, receipt: Receipt, elapsed: Duration) {
+        self.in_flight -= 1;
+        let metrics = &self.ctx.metrics;
+        metrics.kafka_transaction.observe(elapsed.as_secs_f64());
+        metrics.batch_events.observe(receipt.events as f64);
+        let mut upto = upto;
+        // Transactions without outbox events that arrived while batches were in flight.
+        if self.in_flight == 0 && self.batch.records.is_empty() {
+            if let Some(lsn) = self.batch.last_lsn.take() {
+                upto = upto.max(lsn);
+            }
+        }
         repl.update_applied_lsn(pgwire_replication::Lsn(upto.0));
-        self.checkpoint = upto;
+        self.checkpoint = self.checkpoint.max(upto);
         metrics
             .confirmed_lsn
             .get_or_create(&self.label)
             .set(upto.0 as i64);
         let now = now_micros();
-        for (commit_ts, count) in batch.commits {
+        for (commit_ts, count) in receipt.commits {
             let latency = (now - commit_ts).max(0) as f64 / 1e6;
             for _ in 0..count {
                 metrics.commit_to_ack.observe(latency);
             }
         }
-        for (topic, count) in per_topic {
+        for (topic, count) in receipt.per_topic {
             if topic.ends_with(".dlq") {
                 metrics
                     .events_dead_lettered
@@ -449,8 +523,7 @@ impl Stream<'_> {
                     .inc_by(count);
             }
         }
-        tracing::debug!(source = %self.source.0, events = n, upto = %upto, "batch committed");
-        Ok(())
+        tracing::debug!(source = %self.source.0, events = receipt.events, upto = %upto, "batch acknowledged");
     }
 }
 

@@ -260,6 +260,81 @@ fn quantiles(l: &[f64]) -> (f64, f64, f64) {
     (percentile(l, 0.5), percentile(l, 0.95), percentile(l, 0.99))
 }
 
+/// `--relay-only R`: only the relay, at R events/s, for tuning its latency quickly.
+fn relay_only() -> Option<f64> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--relay-only")?;
+    Some(
+        args.get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--relay-only takes a rate in events/s"),
+    )
+}
+
+fn relay_bin() -> String {
+    // The release build: a benchmark of a debug build would say nothing.
+    let release = root().join("target/release/cdc-relay");
+    if release.exists() {
+        release.display().to_string()
+    } else {
+        workspace_bin("cdc-relay")
+    }
+}
+
+fn relay_env(db: &TestDb, prefix: &str, delivery: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db.relay_dsn()),
+        ("RELAY_SOURCES", db.name.clone()),
+        ("RELAY_TOPIC_PREFIX", prefix.to_string()),
+        ("RELAY_CHECKPOINT_TOPIC", format!("{prefix}checkpoints")),
+        ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+        ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+        ("LOG_LEVEL", "warn".to_string()),
+        ("RELAY_DELIVERY", delivery.to_string()),
+    ]
+}
+
+/// [`relay_env`] plus the bench's own `RELAY_*` settings, to try the relay's knobs.
+fn relay_env_tuned(db: &TestDb, prefix: &str, delivery: &str) -> Vec<(&'static str, String)> {
+    let mut env = relay_env(db, prefix, delivery);
+    for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("RELAY_") || k == "LOG_LEVEL") {
+        env.retain(|(name, _)| *name != k);
+        env.push((Box::leak(k.into_boxed_str()), v));
+    }
+    env
+}
+
+/// Latency of the relay alone at one rate, with its own view of where the time went (the
+/// environment reaches the relay, so `RELAY_BATCH_LINGER=…` and the like can be tried).
+async fn relay_at(db: &TestDb, prefix: &str, delivery: &str, rate: f64, seconds: u64, size: usize) {
+    let topic = format!("{prefix}resource.created");
+    let mut relay = Service::spawn(&relay_bin(), &relay_env_tuned(db, prefix, delivery));
+    eprintln!("  relay log: {}", relay.log.display());
+    relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+    let owner = db.owner().await;
+    owner
+        .batch_execute(&outbox_insert_sql(1, size, 0))
+        .await
+        .unwrap();
+    wait_topic(&topic, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lat = at_rate(db, &topic, rate, seconds, size, 1_000).await;
+    let (p50, p95, p99) = quantiles(&lat);
+    println!(
+        "cdc-relay ({delivery}) at {rate:.0} events/s: commit→visible p50 {p50:.1} / p95 {p95:.1} / p99 {p99:.1} ms ({} events)",
+        lat.len()
+    );
+    let (_, metrics) = relay.get("/metrics").await;
+    for line in metrics.lines() {
+        if line.starts_with("kafkify_cdc_relay_kafka_transaction_seconds_")
+            || line.starts_with("kafkify_cdc_relay_batch_events_")
+            || line.starts_with("kafkify_cdc_relay_commit_to_ack_seconds_")
+        {
+            println!("  {line}");
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let events = arg("--events", 50_000) as usize;
@@ -271,6 +346,12 @@ async fn main() {
         .unwrap_or_else(|| "exactly-once".into());
     let db = TestDb::create(Source::Rest).await;
     let prefix = format!("{}.", unique("cmp"));
+    if let Some(rate) = relay_only() {
+        relay_at(&db, &prefix, &delivery, rate, seconds, size).await;
+        test_support::delete_topics_with_prefix(&prefix).await;
+        db.cleanup().await;
+        return;
+    }
     let relay_topic = format!("{prefix}resource.created");
     let dbz_topic = format!("{prefix}dbz.resource.created");
     let owner = db.owner().await;
@@ -325,28 +406,7 @@ async fn main() {
     let kafka_ceiling = producer_perf_ceiling(&perf_topic, events, size);
 
     eprintln!("cdc-relay: draining the backlog");
-    let relay_env = |db: &TestDb| {
-        vec![
-            ("DATABASE_URL", db.relay_dsn()),
-            ("RELAY_SOURCES", db.name.clone()),
-            ("RELAY_TOPIC_PREFIX", prefix.clone()),
-            ("RELAY_CHECKPOINT_TOPIC", format!("{prefix}checkpoints")),
-            ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
-            ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
-            ("LOG_LEVEL", "warn".to_string()),
-            ("RELAY_DELIVERY", delivery.clone()),
-        ]
-    };
-    let relay_bin = {
-        // The release build: a benchmark of a debug build would say nothing.
-        let release = root().join("target/release/cdc-relay");
-        if release.exists() {
-            release.display().to_string()
-        } else {
-            workspace_bin("cdc-relay")
-        }
-    };
-    let relay = Service::spawn(&relay_bin, &relay_env(&db));
+    let relay = Service::spawn(&relay_bin(), &relay_env(&db, &prefix, &delivery));
     wait_topic(&relay_topic, Duration::from_secs(60)).await;
     let relay_rate = drain(&relay_topic, events, Duration::from_secs(900), false)
         .await
@@ -384,7 +444,7 @@ async fn main() {
         .await
         .unwrap();
 
-    let mut relay = Service::spawn(&relay_bin, &relay_env(&db));
+    let mut relay = Service::spawn(&relay_bin(), &relay_env(&db, &prefix, &delivery));
     relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut relay_points = Vec::new();
