@@ -65,6 +65,16 @@ impl Poison {
     }
 }
 
+/// Caps what one Avro length prefix may make the decoder allocate. apache-avro's default is
+/// 512 MiB, so a hostile record of a few bytes could claim that much; no real event comes
+/// near the cap (Kafka's records are about 1 MiB at most). The first call wins.
+pub fn limit_avro_allocations() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        apache_avro::util::max_allocation_bytes(16 * 1024 * 1024);
+    });
+}
+
 /// Checks the Confluent framing (magic byte 0 and a 4-byte schema id) before the registry is
 /// asked anything; returns the schema id.
 pub fn schema_id(payload: Option<&[u8]>) -> Result<u32, Poison> {

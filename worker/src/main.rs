@@ -70,6 +70,7 @@ struct Config {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = platform::config::load();
+    worker::decode::limit_avro_allocations();
     let telemetry = platform::telemetry::init(&config.common, "worker")
         .unwrap_or_else(|e| platform::config::fail(e));
     if config.command == Some(Command::Migrate) {

@@ -24,6 +24,9 @@ pub struct Pipeline {
     pub worker: Option<Service>,
     pub tasks: TaskServiceClient<tonic::transport::Channel>,
     pub extra: Vec<(&'static str, String)>,
+    relay_env: Vec<(&'static str, String)>,
+    grpc_env: Vec<(&'static str, String)>,
+    pub grpc_port: u16,
 }
 
 impl Pipeline {
@@ -42,21 +45,19 @@ impl Pipeline {
         let prefix = format!("{}.", unique("t"));
         let kafka = || ("KAFKA_BROKERS", stack().kafka_brokers.clone());
         let registry = || ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone());
-        let mut relay = Service::spawn(
-            &workspace_bin("cdc-relay"),
-            &with(vec![
-                ("DATABASE_URL", rest_db.relay_dsn()),
-                (
-                    "RELAY_SOURCES",
-                    format!("{},{},{}", rest_db.name, grpc_db.name, worker_db.name),
-                ),
-                ("RELAY_TOPIC_PREFIX", prefix.clone()),
-                ("RELAY_CHECKPOINT_TOPIC", format!("{prefix}checkpoints")),
-                ("RELAY_TOPIC_PARTITIONS", "3".into()),
-                kafka(),
-                registry(),
-            ]),
-        );
+        let relay_env = with(vec![
+            ("DATABASE_URL", rest_db.relay_dsn()),
+            (
+                "RELAY_SOURCES",
+                format!("{},{},{}", rest_db.name, grpc_db.name, worker_db.name),
+            ),
+            ("RELAY_TOPIC_PREFIX", prefix.clone()),
+            ("RELAY_CHECKPOINT_TOPIC", format!("{prefix}checkpoints")),
+            ("RELAY_TOPIC_PARTITIONS", "3".into()),
+            kafka(),
+            registry(),
+        ]);
+        let mut relay = Service::spawn(&workspace_bin("cdc-relay"), &relay_env);
         // Ready means the topics exist and the schemas are registered.
         relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
         let mut rest = Service::spawn(
@@ -64,17 +65,15 @@ impl Pipeline {
             &with(vec![("DATABASE_URL", rest_db.owner_dsn())]),
         );
         let grpc_port = free_port();
-        let mut grpc = Service::spawn(
-            &workspace_bin("api-grpc"),
-            &with(vec![
-                ("DATABASE_URL", grpc_db.owner_dsn()),
-                ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
-                ("TOPIC_PREFIX", prefix.clone()),
-                ("COMPLETIONS_GROUP", consumer_group("api-grpc")),
-                kafka(),
-                registry(),
-            ]),
-        );
+        let grpc_env = with(vec![
+            ("DATABASE_URL", grpc_db.owner_dsn()),
+            ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
+            ("TOPIC_PREFIX", prefix.clone()),
+            ("COMPLETIONS_GROUP", consumer_group("api-grpc")),
+            kafka(),
+            registry(),
+        ]);
+        let mut grpc = Service::spawn(&workspace_bin("api-grpc"), &grpc_env);
         rest.wait_for("/ready", 200, Duration::from_secs(30)).await;
         grpc.wait_for("/ready", 200, Duration::from_secs(30)).await;
         let channel =
@@ -95,13 +94,22 @@ impl Pipeline {
             worker: None,
             tasks: TaskServiceClient::new(channel),
             extra,
+            relay_env,
+            grpc_env,
+            grpc_port,
         };
         p.start_worker().await;
         p
     }
 
     pub async fn start_worker(&mut self) {
-        let mut worker = Service::spawn(
+        self.spawn_worker();
+        self.wait_worker_ready(Duration::from_secs(30)).await;
+    }
+
+    /// Starts the worker without waiting for it to be ready.
+    pub fn spawn_worker(&mut self) {
+        self.worker = Some(Service::spawn(
             WORKER,
             &[
                 self.extra.clone(),
@@ -115,20 +123,40 @@ impl Pipeline {
                 ],
             ]
             .concat(),
-        );
-        worker
-            .wait_for("/ready", 200, Duration::from_secs(30))
+        ));
+    }
+
+    pub async fn wait_worker_ready(&mut self, limit: Duration) {
+        self.worker
+            .as_mut()
+            .expect("a worker was started")
+            .wait_for("/ready", 200, limit)
             .await;
-        self.worker = Some(worker);
     }
 
     pub fn kill_worker(&mut self) {
         let w = self.worker.take().unwrap();
-        std::process::Command::new("kill")
-            .args(["-KILL", &w.pid().to_string()])
-            .status()
-            .unwrap();
-        drop(w);
+        sigkill(w);
+    }
+
+    /// SIGKILLs the relay and starts a new one with the same settings.
+    pub async fn restart_relay_after(&mut self, down: Duration) {
+        kill_pid(self.relay.pid());
+        tokio::time::sleep(down).await;
+        self.relay = Service::spawn(&workspace_bin("cdc-relay"), &self.relay_env);
+        self.relay
+            .wait_for("/health", 200, Duration::from_secs(30))
+            .await;
+    }
+
+    /// SIGKILLs api-grpc and starts a new one on the same port.
+    pub async fn restart_grpc_after(&mut self, down: Duration) {
+        kill_pid(self.grpc.pid());
+        tokio::time::sleep(down).await;
+        self.grpc = Service::spawn(&workspace_bin("api-grpc"), &self.grpc_env);
+        self.grpc
+            .wait_for("/ready", 200, Duration::from_secs(30))
+            .await;
     }
 
     pub async fn create_resource(&self, name: &str) -> String {
@@ -190,6 +218,19 @@ impl Pipeline {
         self.grpc_db.cleanup().await;
         self.worker_db.cleanup().await;
     }
+}
+
+/// Ends a service the hard way: no shutdown hook runs.
+pub fn sigkill(service: Service) {
+    kill_pid(service.pid());
+    drop(service);
+}
+
+pub fn kill_pid(pid: u32) {
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
 }
 
 pub async fn wait_task(

@@ -1,0 +1,529 @@
+//! Chaos under load. A steady write load runs through both APIs while, in turn, the relay, the
+//! worker, api-grpc, the Kafka broker and Postgres are SIGKILLed and restarted, and the schema
+//! registry is paused (with a worker restart inside the pause, so schemas must be fetched from
+//! it). Afterwards the test proves, from what is in the databases and on Kafka:
+//! - every committed outbox event is on Kafka exactly once (read_committed, by `event_id`);
+//! - every event the worker consumes has its row in `processed_events`;
+//! - every task reached a final state;
+//! - per-key order held (the versions of each resource's updates rise in offset order).
+//!
+//! It prints: fault, events written, delivered, duplicates, lost, recovery time.
+//!
+//! It kills the shared Kafka and Postgres, so it runs alone: `./kafkify test` runs it after
+//! the other tests (`cargo test -p worker --test chaos -- --ignored`).
+
+mod pipeline;
+
+use pipeline::Pipeline;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use api_grpc::pb;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use test_support::{consumer_group, stack};
+
+/// Load before each fault, so the fault hits a pipeline in steady state.
+const STEADY: Duration = Duration::from_secs(6);
+/// How long a killed component stays down.
+const DOWN: Duration = Duration::from_secs(3);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A setting of the local stack (./kafkify writes them to .kafkify/stack.env).
+fn stack_setting(key: &str) -> String {
+    if let Ok(v) = std::env::var(key) {
+        return v;
+    }
+    let text = std::fs::read_to_string(root().join(".kafkify/stack.env")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_else(|| panic!("{key} is not set: start the stack with ./kafkify up --infra"))
+}
+
+fn pid_file(path: &Path) -> u32 {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{} holds no pid", path.display()))
+}
+
+fn signal(sig: &str, pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Postgres as a power cut would leave it: the postmaster stopped first so it cannot react,
+/// then every backend and the postmaster itself killed. The restart runs crash recovery.
+fn kill_postgres() {
+    let pid = pid_file(&Path::new(&stack_setting("KAFKIFY_PGDATA")).join("postmaster.pid"));
+    signal("-STOP", pid);
+    let _ = std::process::Command::new("pkill")
+        .args(["-KILL", "-P", &pid.to_string()])
+        .status();
+    signal("-KILL", pid);
+}
+
+fn stack_pid(name: &str) -> u32 {
+    pid_file(&Path::new(&stack_setting("KAFKIFY_RUN_DIR")).join(format!("{name}.pid")))
+}
+
+/// `./kafkify up --infra` starts whatever of the infrastructure is not running.
+async fn restart_infra() {
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(root().join("kafkify"))
+            .args(["up", "--infra"])
+            .current_dir(root())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "./kafkify up --infra: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// The steady write load: a resource created and replaced twice (three events of one key, in
+/// order) and a task submitted, every 50 ms each. Failures are counted and otherwise ignored:
+/// what counts is what committed.
+fn start_load(
+    p: &Pipeline,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    counters: Arc<Counters>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let rest_base = p.rest.base.clone();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut handles = Vec::new();
+    {
+        let stop = stop.clone();
+        let counters = counters.clone();
+        handles.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                let created = http
+                    .post(format!("{rest_base}/api/v1/resources"))
+                    .json(&serde_json::json!({ "name": format!("chaos {n}") }))
+                    .send()
+                    .await;
+                let id = match created {
+                    Ok(r) if r.status() == 201 => r
+                        .json::<serde_json::Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(String::from)),
+                    _ => None,
+                };
+                let Some(id) = id else {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                for v in 2..=3 {
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
+                    let ok = http
+                        .put(format!("{rest_base}/api/v1/resources/{id}"))
+                        .json(&serde_json::json!({ "name": format!("chaos {n} v{v}") }))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status() == 200);
+                    if !ok {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    {
+        let mut client = p.tasks.clone();
+        let counters = counters.clone();
+        handles.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                let mut req = tonic::Request::new(pb::ProcessTaskRequest {
+                    r#type: "checksum".into(),
+                    input: format!(r#"{{"n": {n}}}"#),
+                    idempotency_key: String::new(),
+                });
+                req.set_timeout(Duration::from_secs(5));
+                let ok = tokio::time::timeout(Duration::from_secs(6), client.process_task(req))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if !ok {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    handles
+}
+
+/// Time from `fault_at` until a resource created after the fault was processed by the worker:
+/// the whole path works again.
+async fn recovery(p: &Pipeline, fault_at: Instant, label: &str) -> Duration {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let limit = Duration::from_secs(240);
+    let id = loop {
+        assert!(
+            fault_at.elapsed() < limit,
+            "{label}: no write succeeded within {limit:?}"
+        );
+        let r = http
+            .post(format!("{}/api/v1/resources", p.rest.base))
+            .json(&serde_json::json!({ "name": format!("probe after {label}") }))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            if r.status() == 201 {
+                break r.json::<serde_json::Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    loop {
+        if let Ok(c) = platform::db::connect(&p.worker_db.owner_url()).await {
+            if let Ok(row) = c
+                .query_one(
+                    "SELECT count(*) FROM processed_events WHERE event_key = $1",
+                    &[&id],
+                )
+                .await
+            {
+                if row.get::<_, i64>(0) == 1 {
+                    return fault_at.elapsed();
+                }
+            }
+        }
+        assert!(
+            fault_at.elapsed() < limit,
+            "{label}: the probe event was not processed within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every outbox row of the three databases: (event id, event type, created_at as epoch s).
+async fn outbox(p: &Pipeline) -> Vec<(String, String, f64)> {
+    let mut rows = Vec::new();
+    for db in [&p.rest_db, &p.grpc_db, &p.worker_db] {
+        let c = db.owner().await;
+        for r in c
+            .query(
+                "SELECT id::text, event_type, extract(epoch FROM created_at)::float8 FROM outbox_events",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            rows.push((r.get(0), r.get(1), r.get(2)));
+        }
+    }
+    rows
+}
+
+/// How often each `event_id` is on the pipeline's topics, read with read_committed from the
+/// start to the end of every partition.
+fn kafka_event_ids(prefix: &str) -> HashMap<String, u32> {
+    let consumer: BaseConsumer = stack()
+        .kafka_config()
+        .set("group.id", consumer_group("chaos-check"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for t in md.topics() {
+        if !t.name().starts_with(prefix) || t.name().ends_with("checkpoints") {
+            continue;
+        }
+        for part in t.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(t.name(), part.id(), Duration::from_secs(10))
+                .unwrap();
+            if high > 0 {
+                tpl.add_partition_offset(t.name(), part.id(), rdkafka::Offset::Beginning)
+                    .unwrap();
+                ends.insert((t.name().to_string(), part.id()), high);
+            }
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut ids: HashMap<String, u32> = HashMap::new();
+    let start = Instant::now();
+    loop {
+        let positions = consumer.position().unwrap();
+        let done = ends.iter().all(|((t, part), high)| {
+            positions
+                .find_partition(t, *part)
+                .and_then(|e| e.offset().to_raw())
+                .is_some_and(|o| o >= *high)
+        });
+        if done {
+            return ids;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the topics were not read to their end"
+        );
+        if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
+            let msg = msg.unwrap();
+            let id = msg
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "event_id"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| {
+                    format!("<no event_id at {}/{}>", msg.partition(), msg.offset())
+                });
+            *ids.entry(id).or_default() += 1;
+        }
+    }
+}
+
+struct Phase {
+    fault: &'static str,
+    start: f64,
+    recovery: Duration,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "kills the shared Kafka and Postgres; ./kafkify test runs it alone"]
+async fn every_fault_under_load_loses_and_duplicates_nothing() {
+    let mut p = Pipeline::start().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counters = Arc::new(Counters::default());
+    let load = start_load(&p, stop.clone(), counters.clone());
+    let mut phases: Vec<Phase> = Vec::new();
+    let faults = [
+        "cdc-relay SIGKILL",
+        "worker SIGKILL",
+        "api-grpc SIGKILL",
+        "Kafka SIGKILL",
+        "Postgres SIGKILL",
+        "registry paused 10 s",
+    ];
+    for fault in faults {
+        let start = epoch();
+        tokio::time::sleep(STEADY).await;
+        eprintln!("chaos: {fault}");
+        let at = Instant::now();
+        match fault {
+            "cdc-relay SIGKILL" => p.restart_relay_after(DOWN).await,
+            "worker SIGKILL" => {
+                p.kill_worker();
+                tokio::time::sleep(DOWN).await;
+                p.start_worker().await;
+            }
+            "api-grpc SIGKILL" => p.restart_grpc_after(DOWN).await,
+            "Kafka SIGKILL" => {
+                signal("-KILL", stack_pid("kafka"));
+                tokio::time::sleep(DOWN).await;
+                restart_infra().await;
+            }
+            "Postgres SIGKILL" => {
+                kill_postgres();
+                tokio::time::sleep(DOWN).await;
+                restart_infra().await;
+            }
+            "registry paused 10 s" => {
+                let registry = stack_pid("registry");
+                signal("-STOP", registry);
+                let resume = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    signal("-CONT", registry);
+                });
+                // A fresh worker has no schemas cached: it must wait for the registry, not
+                // dead-letter what it cannot decode yet.
+                p.kill_worker();
+                p.spawn_worker();
+                resume.await.unwrap();
+                p.wait_worker_ready(Duration::from_secs(60)).await;
+            }
+            _ => unreachable!(),
+        }
+        let recovery = recovery(&p, at, fault).await;
+        eprintln!("chaos: {fault}: recovered in {recovery:?}");
+        phases.push(Phase {
+            fault,
+            start,
+            recovery,
+        });
+    }
+    tokio::time::sleep(STEADY).await;
+    stop.store(true, Ordering::Relaxed);
+    for h in load {
+        h.await.unwrap();
+    }
+
+    // Quiescence: every event the worker consumes processed, every task final.
+    let rows = outbox(&p).await;
+    let consumed = rows
+        .iter()
+        .filter(|(_, t, _)| t != "task.completed")
+        .count() as i64;
+    p.wait_count(
+        "SELECT count(*) FROM processed_events",
+        consumed,
+        Duration::from_secs(180),
+    )
+    .await;
+    let grpc = p.grpc_db.owner().await;
+    let start = Instant::now();
+    loop {
+        let pending: i64 = grpc
+            .query_one(
+                "SELECT count(*) FROM tasks WHERE status NOT IN ('COMPLETED', 'FAILED')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{pending} tasks never reached a final state"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The worker wrote its completions before marking them consumed; they are in its outbox
+    // now, so the outbox is read again.
+    let rows = outbox(&p).await;
+    let on_kafka = kafka_event_ids(&p.prefix);
+
+    // The table.
+    let mut table = String::from(
+        "| fault | events written | delivered | duplicates | lost | recovery |\n|---|---|---|---|---|---|\n",
+    );
+    let (mut total_written, mut total_dup, mut total_lost) = (0, 0, 0);
+    for (i, ph) in phases.iter().enumerate() {
+        let end = phases.get(i + 1).map_or(f64::MAX, |n| n.start);
+        let mine: Vec<_> = rows
+            .iter()
+            .filter(|(_, _, at)| *at >= ph.start && *at < end)
+            .collect();
+        let delivered = mine
+            .iter()
+            .filter(|(id, _, _)| on_kafka.contains_key(id))
+            .count();
+        let dup: u32 = mine
+            .iter()
+            .map(|(id, _, _)| on_kafka.get(id).copied().unwrap_or(0).saturating_sub(1))
+            .sum();
+        let lost = mine.len() - delivered;
+        total_written += mine.len();
+        total_dup += dup;
+        total_lost += lost;
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.1} s |\n",
+            ph.fault,
+            mine.len(),
+            delivered,
+            dup,
+            lost,
+            ph.recovery.as_secs_f64()
+        ));
+    }
+    println!(
+        "\n{table}\nLoad: {} requests, {} refused or failed while components were down.\n",
+        counters.requests.load(Ordering::Relaxed),
+        counters.failed.load(Ordering::Relaxed)
+    );
+    let known: std::collections::HashSet<&String> = rows.iter().map(|(id, _, _)| id).collect();
+    let strangers: Vec<_> = on_kafka.keys().filter(|id| !known.contains(id)).collect();
+    assert_eq!(rows.len(), known.len());
+    assert!(
+        total_written > 1000,
+        "the load wrote only {total_written} events"
+    );
+    assert_eq!(
+        (total_lost, total_dup),
+        (0, 0),
+        "lost and duplicated events:\n{table}"
+    );
+    assert!(
+        strangers.is_empty(),
+        "records on Kafka with no outbox row: {strangers:?}"
+    );
+
+    // Per-key order: each resource's updates (versions 2, 3) in offset order on one partition.
+    let worker = p.worker_db.owner().await;
+    let disorder: i64 = worker
+        .query_one(
+            "SELECT count(*) FROM (
+               SELECT event_key, (payload->>'version')::bigint AS v,
+                      lag((payload->>'version')::bigint) OVER w AS before
+               FROM processed_events WHERE event_type = 'resource.updated'
+               WINDOW w AS (PARTITION BY event_key ORDER BY \"offset\")
+             ) x WHERE v <= before",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let updates: i64 = worker
+        .query_one(
+            "SELECT count(*) FROM processed_events WHERE event_type = 'resource.updated'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(updates > 100, "only {updates} updates to check order on");
+    assert_eq!(disorder, 0, "updates out of version order within a key");
+    drop((grpc, worker));
+    p.stop().await;
+}
