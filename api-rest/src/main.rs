@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use actix_web::dev::Service as _;
 use actix_web::http::header::ContentType;
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use anyhow::Context;
 use platform::config::CommonArgs;
 use platform::db::{Command, DatabaseArgs};
@@ -166,14 +166,18 @@ async fn main() -> anyhow::Result<()> {
                 web::resource("/api/v1/resources")
                     .route(web::post().to(routes::create))
                     .route(web::get().to(routes::list))
-                    .default_service(web::to(routes::method_not_allowed)),
+                    .default_service(web::to(|req: HttpRequest| async move {
+                        routes::method_not_allowed(&req, "GET, POST")
+                    })),
             )
             .service(
                 web::resource("/api/v1/resources/{id}")
                     .route(web::get().to(routes::get))
                     .route(web::put().to(routes::replace))
                     .route(web::delete().to(routes::delete))
-                    .default_service(web::to(routes::method_not_allowed)),
+                    .default_service(web::to(|req: HttpRequest| async move {
+                        routes::method_not_allowed(&req, "GET, PUT, DELETE")
+                    })),
             )
             .route("/openapi.json", web::get().to(openapi_json))
             .route("/health", web::get().to(health))

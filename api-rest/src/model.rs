@@ -32,10 +32,12 @@ pub struct Resource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceInput {
-    /// 1–200 characters.
+    /// 1–200 characters, not all blank.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: String,
     /// Up to 2000 characters.
     #[serde(default)]
+    #[schema(max_length = 2000)]
     pub description: String,
     /// Up to 50 string-to-string pairs; keys 1–100 characters, values up to 1000.
     #[serde(default)]

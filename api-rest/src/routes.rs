@@ -194,7 +194,7 @@ async fn timed<T>(
     post, path = "/api/v1/resources", tag = "resources",
     request_body(content = ResourceInput, content_type = "application/json"),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first response and create nothing"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$", description = "Retries with the same key and body return the first response and create nothing"),
         ("traceparent" = Option<String>, Header, description = "W3C trace context: the request continues it, and its event carries the trace on through Kafka"),
     ),
     responses(
@@ -256,7 +256,7 @@ pub async fn create(
 #[utoipa::path(
     get, path = "/api/v1/resources", tag = "resources",
     params(
-        ("limit" = Option<i64>, Query, description = "1–200, default 50"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "1–200, default 50"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
         ("sort" = Option<SortKey>, Query, description = "updated_at (default) or name; ties broken by id"),
         ("name_prefix" = Option<String>, Query, description = "only names starting with this"),
@@ -388,7 +388,7 @@ pub async fn get(
     request_body(content = ResourceInput, content_type = "application/json"),
     params(
         ("id" = Uuid, Path),
-        ("If-Match" = Option<String>, Header, description = "ETag(s) the current version must match, or *"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^\s*(\*|(W/)?"[^",]*"(\s*,\s*(W/)?"[^",]*")*)\s*$"#, description = "ETag(s) the current version must match, or *"),
     ),
     responses(
         (status = 200, description = "Replaced", body = Resource, headers(("ETag" = String))),
@@ -424,7 +424,7 @@ pub async fn replace(
     delete, path = "/api/v1/resources/{id}", tag = "resources",
     params(
         ("id" = Uuid, Path),
-        ("If-Match" = Option<String>, Header, description = "ETag(s) the current version must match, or *"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^\s*(\*|(W/)?"[^",]*"(\s*,\s*(W/)?"[^",]*")*)\s*$"#, description = "ETag(s) the current version must match, or *"),
     ),
     responses(
         (status = 204, description = "Deleted"),
@@ -454,12 +454,15 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound(format!("no route for {}", req.path())))
 }
 
-pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed(format!(
-        "{} is not allowed on {}",
-        req.method(),
-        req.path()
-    )))
+/// 405 with the `Allow` header RFC 9110 asks for: the methods `allow` lists.
+pub fn method_not_allowed(req: &HttpRequest, allow: &'static str) -> HttpResponse {
+    use actix_web::ResponseError;
+    let mut resp =
+        ApiError::MethodNotAllowed(format!("{} is not allowed on {}", req.method(), req.path()))
+            .error_response();
+    resp.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    resp
 }
 
 #[cfg(test)]

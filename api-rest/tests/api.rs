@@ -392,6 +392,10 @@ async fn bad_requests_get_the_right_status_and_change_nothing() {
         .send(Method::PATCH, path, Some(json!({"name": "a"})), &[])
         .await;
     assert_problem(s, &h, &b, 405);
+    assert_eq!(
+        h["allow"], "GET, POST",
+        "RFC 9110: a 405 lists the allowed methods"
+    );
     let (s, h, b) = api.send(Method::GET, "/api/v2/nothing", None, &[]).await;
     assert_problem(s, &h, &b, 404);
 
