@@ -100,34 +100,49 @@ async fn a_committed_outbox_insert_streams_with_pgoutput() {
 
 #[tokio::test]
 async fn service_roles_cannot_replicate_and_the_relay_cannot_write() {
-    let db = TestDb::create(Source::Grpc).await;
-    let owner = db.owner().await;
-    let err = owner
-        .execute(
-            "SELECT pg_create_logical_replication_slot('t_forbidden', 'pgoutput')",
-            &[],
-        )
-        .await
-        .expect_err("the API role has no REPLICATION");
-    assert!(
-        err.to_string().contains("permission denied") || format!("{err:?}").contains("42501"),
-        "{err:?}"
-    );
-
-    let relay = platform::db::connect(&db.relay_url()).await.unwrap();
-    let n: i64 = relay
-        .query_one("SELECT count(*) FROM outbox_events", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 0, "the relay reads the outbox");
-    for sql in [
-        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload) VALUES (gen_random_uuid(), 'task', 't', 'task.process', '{}')",
-        "SELECT count(*) FROM tasks",
-        "DELETE FROM outbox_events",
+    // Each service's own tables, which the relay must not read or write.
+    for (source, table) in [
+        (Source::Rest, "resources"),
+        (Source::Grpc, "tasks"),
+        (Source::Worker, "processed_events"),
     ] {
-        let err = relay.execute(sql, &[]).await.expect_err(sql);
-        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {err:?}");
+        let db = TestDb::create(source).await;
+        let owner = db.owner().await;
+        let err = owner
+            .execute(
+                "SELECT pg_create_logical_replication_slot('t_forbidden', 'pgoutput')",
+                &[],
+            )
+            .await
+            .expect_err("a service role has no REPLICATION");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{source:?}: {err:?}"
+        );
+
+        let relay = platform::db::connect(&db.relay_url()).await.unwrap();
+        let n: i64 = relay
+            .query_one("SELECT count(*) FROM outbox_events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "the relay reads the outbox");
+        for sql in [
+            "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload) VALUES (gen_random_uuid(), 'task', 't', 'task.process', '{}')".to_string(),
+            "DELETE FROM outbox_events".to_string(),
+            format!("SELECT count(*) FROM {table}"),
+            format!("DELETE FROM {table}"),
+            format!("CREATE TABLE relay_owned_{table} (x int)"),
+        ] {
+            let err = relay.execute(sql.as_str(), &[]).await.expect_err(&sql);
+            assert_eq!(
+                err.code(),
+                Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+                "{source:?}: {sql}: {err:?}"
+            );
+        }
+        drop((owner, relay));
+        db.cleanup().await;
     }
-    db.cleanup().await;
 }
