@@ -31,10 +31,12 @@ async fn main() -> anyhow::Result<()> {
     for source in &config.sources {
         let url = config.source_url(source);
         let publication = config.publication.0.clone();
+        let slot = config.slot(source);
         readiness = readiness.check(format!("source {}", source.0), move || {
             let url = url.clone();
             let publication = publication.clone();
-            async move { check_source(&url, &publication).await }
+            let slot = slot.clone();
+            async move { check_source(&url, &publication, &slot).await }
         });
     }
     let readiness = readiness
@@ -130,21 +132,30 @@ async fn prepare(config: &Config, shutdown: &CancellationToken) -> Option<Schema
 }
 
 /// A source is usable when the relay's role can log in to it and its publication exists.
-async fn check_source(url: &platform::db::PgUrl, publication: &str) -> Result<(), String> {
+async fn check_source(
+    url: &platform::db::PgUrl,
+    publication: &str,
+    slot: &str,
+) -> Result<(), String> {
     let client = platform::db::connect(url)
         .await
         .map_err(|e| e.to_string())?;
     let row = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $2)",
+            &[&publication, &slot],
         )
         .await
         .map_err(|e| platform::db::describe(&e))?;
-    match row {
-        Some(_) => Ok(()),
-        None => Err(format!(
+    if !row.get::<_, bool>(0) {
+        return Err(format!(
             "publication `{publication}` does not exist (run the migrations)"
-        )),
+        ));
     }
+    // Only what commits after the slot exists is captured: until then, writes would be missed.
+    if !row.get::<_, bool>(1) {
+        return Err(format!("replication slot `{slot}` does not exist yet"));
+    }
+    Ok(())
 }
