@@ -12,7 +12,7 @@ import http from 'k6/http';
 import { check } from 'k6';
 import exec from 'k6/execution';
 import { Trend, Counter } from 'k6/metrics';
-import { constantRate } from './lib/scenario.js';
+import { AUTH, constantRate } from './lib/scenario.js';
 
 const BASE = __ENV.BASE_URL || 'http://127.0.0.1:8080';
 const LAG = __ENV.LAG_URL || 'http://127.0.0.1:7878';
@@ -45,7 +45,7 @@ export function setup() {
 export default function (data) {
   const r = http.post(`${BASE}/api/v1/resources`,
     JSON.stringify({ name: `${data.run}-${exec.scenario.iterationInTest}` }),
-    { headers: { 'Content-Type': 'application/json' }, tags: { op: 'create' } });
+    { headers: Object.assign({ 'Content-Type': 'application/json' }, AUTH), tags: { op: 'create' } });
   if (check(r, { 'create is 201': (x) => x.status === 201 })) created.add(1);
 }
 

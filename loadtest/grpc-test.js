@@ -8,7 +8,7 @@ import grpc from 'k6/net/grpc';
 import { check, sleep } from 'k6';
 import exec from 'k6/execution';
 import { Trend } from 'k6/metrics';
-import { constantRate } from './lib/scenario.js';
+import { AUTH, constantRate } from './lib/scenario.js';
 
 const ADDR = __ENV.GRPC_ADDR || '127.0.0.1:9090';
 const RUN = __ENV.RUN_ID || `k6-${Date.now()}`;
@@ -42,7 +42,7 @@ export default function () {
   const started = Date.now();
   const created = client.invoke('kafkify.task.v1.TaskService/ProcessTask',
     { type: 'checksum', input: JSON.stringify({ run: RUN, n }) },
-    { tags: { method: 'ProcessTask' }, timeout: '5s' });
+    { metadata: { authorization: AUTH.Authorization }, tags: { method: 'ProcessTask' }, timeout: '5s' });
   if (!check(created, { 'ProcessTask is OK': (r) => r && r.status === grpc.StatusOK })) return;
   const id = created.message.id;
 
@@ -50,7 +50,7 @@ export default function () {
   const follow = n % 10 === 0;
   for (let i = 0; i < (follow ? 100 : 1); i++) {
     const got = client.invoke('kafkify.task.v1.TaskService/GetTaskStatus', { id },
-      { tags: { method: 'GetTaskStatus' } });
+      { metadata: { authorization: AUTH.Authorization }, tags: { method: 'GetTaskStatus' } });
     check(got, { 'GetTaskStatus is OK': (r) => r && r.status === grpc.StatusOK && r.message.id === id });
     if (!follow) return;
     if (got.message && got.message.status !== 'TASK_STATUS_PENDING') {

@@ -6,11 +6,11 @@
 import http from 'k6/http';
 import { check } from 'k6';
 import exec from 'k6/execution';
-import { constantRate } from './lib/scenario.js';
+import { AUTH, constantRate } from './lib/scenario.js';
 
 const BASE = __ENV.BASE_URL || 'http://127.0.0.1:8080';
 const RUN = __ENV.RUN_ID || `k6-${Date.now()}`;
-const JSON_HEADERS = { 'Content-Type': 'application/json' };
+const JSON_HEADERS = Object.assign({ 'Content-Type': 'application/json' }, AUTH);
 
 export const options = {
   scenarios: {
@@ -37,7 +37,7 @@ export default function () {
   const id = created.json('id');
   const url = `${BASE}/api/v1/resources/${id}`;
 
-  const got = http.get(url, { tags: { op: 'get' } });
+  const got = http.get(url, { headers: AUTH, tags: { op: 'get' } });
   check(got, { 'get is 200': (r) => r.status === 200 && r.json('id') === id });
 
   const replaced = http.put(url,
@@ -45,11 +45,11 @@ export default function () {
     { headers: Object.assign({ 'If-Match': got.headers['Etag'] || '"1"' }, JSON_HEADERS), tags: { op: 'replace' } });
   check(replaced, { 'replace is 200 with version 2': (r) => r.status === 200 && r.json('version') === 2 });
 
-  const page = http.get(`${BASE}/api/v1/resources?limit=20`, { tags: { op: 'list' } });
+  const page = http.get(`${BASE}/api/v1/resources?limit=20`, { headers: AUTH, tags: { op: 'list' } });
   check(page, { 'list is 200': (r) => r.status === 200 });
 
   if (n % 4 === 0) {
-    const deleted = http.del(url, null, { tags: { op: 'delete' } });
+    const deleted = http.del(url, null, { headers: AUTH, tags: { op: 'delete' } });
     check(deleted, { 'delete is 204': (r) => r.status === 204 });
   }
 }

@@ -26,7 +26,7 @@ fn request(i: usize) -> ProcessTaskRequest {
     }
 }
 
-async fn channels(port: u16, n: usize) -> Vec<TaskServiceClient<Channel>> {
+async fn channels(port: u16, n: usize) -> Vec<TaskServiceClient<test_support::AuthChannel>> {
     let mut out = Vec::new();
     for _ in 0..n {
         let ch = Channel::from_shared(format!("http://127.0.0.1:{port}"))
@@ -34,13 +34,13 @@ async fn channels(port: u16, n: usize) -> Vec<TaskServiceClient<Channel>> {
             .connect()
             .await
             .unwrap();
-        out.push(TaskServiceClient::new(ch));
+        out.push(TaskServiceClient::new(test_support::with_key(ch)));
     }
     out
 }
 
 async fn closed_loop(
-    clients: &[TaskServiceClient<Channel>],
+    clients: &[TaskServiceClient<test_support::AuthChannel>],
     workers: usize,
     seconds: u64,
 ) -> (f64, Vec<f64>, usize) {
@@ -74,7 +74,7 @@ async fn closed_loop(
 }
 
 async fn open_loop(
-    clients: &[TaskServiceClient<Channel>],
+    clients: &[TaskServiceClient<test_support::AuthChannel>],
     rate: f64,
     seconds: u64,
 ) -> (f64, Vec<f64>, usize) {

@@ -41,6 +41,9 @@ struct Config {
     db: DatabaseArgs,
 
     #[command(flatten)]
+    auth: platform::auth::AuthArgs,
+
+    #[command(flatten)]
     retention: platform::outbox::RetentionArgs,
 
     /// Largest gRPC request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
@@ -82,6 +85,14 @@ async fn main() -> anyhow::Result<()> {
             migrations::migrations::runner(),
         )
         .await;
+    }
+    // Migrations need no key; serving does.
+    let keys = config
+        .auth
+        .keys()
+        .unwrap_or_else(|e| platform::config::fail(e));
+    if !keys.enabled() {
+        tracing::warn!("API_AUTH=none: the task service accepts calls without a key");
     }
     let shutdown = platform::shutdown::token();
 
@@ -168,12 +179,18 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("GRPC_ADDR {}: cannot listen", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     let grpc = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            api_grpc::service::oversized_is_resource_exhausted,
+        ))
         .add_service(health_service)
-        .add_service(
+        // Health and reflection stay open, as probes and tools need them; the task service
+        // asks for a key before it reads a request.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             pb::task_service_server::TaskServiceServer::new(service)
                 .max_decoding_message_size(config.grpc_max_message_bytes as usize)
                 .max_encoding_message_size(config.grpc_max_message_bytes as usize),
-        )
+            api_grpc::service::authenticate(keys),
+        ))
         .add_service(reflection)
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms per call.

@@ -466,6 +466,43 @@ pub async fn listen(
     }
 }
 
+/// gRPC's status code table answers a message larger than allowed with RESOURCE_EXHAUSTED;
+/// tonic's decoder says OUT_OF_RANGE. Its answer is rewritten on the way out (it is a
+/// trailers-only response, so the status is in the headers).
+pub fn oversized_is_resource_exhausted<B>(
+    mut resp: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let headers = resp.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v == (tonic::Code::OutOfRange as i32).to_string().as_str());
+    // The message is percent-encoded on the wire.
+    let too_large = headers.get("grpc-message").is_some_and(|m| {
+        let m = String::from_utf8_lossy(m.as_bytes()).replace("%20", " ");
+        m.contains("message length too large")
+    });
+    if out_of_range && too_large {
+        headers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
+    }
+    resp
+}
+
+/// The interceptor that lets a call in only with a valid `authorization: Bearer <key>`.
+pub fn authenticate(
+    keys: platform::auth::ApiKeys,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        match keys.check(header) {
+            Ok(()) => Ok(req),
+            Err(why) => Err(tonic::Status::unauthenticated(why.to_string())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,6 +99,12 @@ async fn grpc_health_follows_readiness() {
 #[test]
 fn a_bad_setting_stops_start_up_naming_it() {
     let url = "postgres://u:p@127.0.0.1/grpc".to_string();
+    check_bad_setting(BIN, &[("DATABASE_URL", url.clone())], "API_KEYS");
+    check_bad_setting(
+        BIN,
+        &[("DATABASE_URL", url.clone()), ("API_AUTH", "maybe".into())],
+        "API_AUTH",
+    );
     check_bad_setting(
         BIN,
         &[("DATABASE_URL", url), ("GRPC_ADDR", "9090".into())],

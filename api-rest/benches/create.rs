@@ -26,10 +26,7 @@ fn body(i: usize) -> String {
 
 /// Closed loop: `clients` workers each sending creates back to back for `seconds`.
 async fn closed_loop(base: &str, clients: usize, seconds: u64) -> (f64, Vec<f64>, usize) {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(clients)
-        .build()
-        .unwrap();
+    let http = test_support::api_client();
     let counter = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -79,7 +76,7 @@ async fn closed_loop(base: &str, clients: usize, seconds: u64) -> (f64, Vec<f64>
 
 /// Open loop: one create every 1/rate seconds, whatever the server's pace.
 async fn open_loop(base: &str, rate: f64, seconds: u64) -> (f64, Vec<f64>, usize) {
-    let http = reqwest::Client::new();
+    let http = test_support::api_client();
     let url = format!("{base}/api/v1/resources");
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

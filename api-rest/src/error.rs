@@ -41,6 +41,8 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -73,6 +75,7 @@ impl ApiError {
     fn slug(&self) -> (&'static str, &'static str) {
         match self {
             ApiError::BadRequest(_) => ("malformed-request", "Malformed request"),
+            ApiError::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             ApiError::NotFound(_) => ("not-found", "Not found"),
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             ApiError::Conflict(_) => ("conflict", "Conflict"),
@@ -103,6 +106,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -133,6 +137,10 @@ impl ResponseError for ApiError {
         resp.content_type("application/problem+json");
         if matches!(self, ApiError::Unavailable(_)) {
             resp.insert_header(("Retry-After", "1"));
+        }
+        if matches!(self, ApiError::Unauthorized(_)) {
+            // RFC 6750: the scheme the client should use.
+            resp.insert_header(("WWW-Authenticate", r#"Bearer realm="kafkify""#));
         }
         resp.body(serde_json::to_string(&problem).unwrap_or_default())
     }

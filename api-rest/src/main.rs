@@ -51,6 +51,9 @@ struct Config {
     max_body_bytes: u64,
 
     #[command(flatten)]
+    auth: platform::auth::AuthArgs,
+
+    #[command(flatten)]
     retention: platform::outbox::RetentionArgs,
 
     #[command(flatten)]
@@ -79,6 +82,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
     }
+    // Migrations need no key; serving does.
+    let keys = config
+        .auth
+        .keys()
+        .unwrap_or_else(|e| platform::config::fail(e));
+    if !keys.enabled() {
+        tracing::warn!("API_AUTH=none: the API accepts calls without a key");
+    }
     let shutdown = platform::shutdown::token();
 
     let pool = platform::db::pool(&config.db)?;
@@ -100,10 +111,40 @@ async fn main() -> anyhow::Result<()> {
 
     let mut server = HttpServer::new(move || {
         let metrics = metrics.clone();
+        let keys = keys.clone();
         App::new()
             .app_data(ops.clone())
             .app_data(state.clone())
             .app_data(openapi.clone())
+            // Inside the metrics and tracing wrapper below, so refusals are counted and traced.
+            // Only the API needs a key: probes, scrapes and the OpenAPI document stay open.
+            .wrap_fn(move |req, srv| {
+                let denied = if req.path().starts_with("/api/") {
+                    keys.check(
+                        req.headers()
+                            .get(actix_web::http::header::AUTHORIZATION)
+                            .map(|v| v.as_bytes()),
+                    )
+                    .err()
+                } else {
+                    None
+                };
+                let call = match denied {
+                    None => Ok(srv.call(req)),
+                    Some(why) => Err((req, why)),
+                };
+                async move {
+                    match call {
+                        Ok(fut) => fut.await.map(|res| res.map_into_left_body()),
+                        Err((req, why)) => {
+                            let resp = actix_web::ResponseError::error_response(
+                                &error::ApiError::Unauthorized(why.to_string()),
+                            );
+                            Ok(req.into_response(resp).map_into_right_body())
+                        }
+                    }
+                }
+            })
             .wrap_fn(move |req, srv| {
                 let started = Instant::now();
                 let metrics = metrics.clone();

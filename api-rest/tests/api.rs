@@ -36,10 +36,7 @@ impl Api {
         Api {
             db,
             service,
-            http: Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
+            http: test_support::api_client(),
         }
     }
 
@@ -641,4 +638,57 @@ async fn metrics_count_requests_by_route_and_status() {
         "{metrics}"
     );
     api.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_needs_a_key_and_the_ops_paths_do_not() {
+    let api = Api::start().await;
+    let bare = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let url = api.url("/api/v1/resources");
+    for auth in [
+        None,
+        Some("Bearer not-the-key-0123456789"),
+        Some("Basic a2V5OmtleQ=="),
+        Some("Bearer"),
+    ] {
+        let mut req = bare.post(&url).json(&json!({"name": "nope"}));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{auth:?}");
+        assert_eq!(
+            resp.headers()["www-authenticate"],
+            r#"Bearer realm="kafkify""#
+        );
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["status"], 401, "{body}");
+        let resp = bare.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    assert_eq!(api.db.count("resources").await, 0, "nothing was written");
+    assert_eq!(api.db.count("outbox_events").await, 0);
+    for open in ["/health", "/ready", "/metrics", "/openapi.json"] {
+        let resp = bare.get(api.url(open)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{open} stays open");
+    }
+    // With the key, the same request goes through.
+    let (s, _, _) = api
+        .send(
+            Method::POST,
+            "/api/v1/resources",
+            Some(json!({"name": "yes"})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (_, metrics) = api.service.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"status="401""#),
+        "refusals are counted: {metrics}"
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use reqwest::{Client, Method};
+use reqwest::Method;
 use test_support::service::Service;
 use test_support::{Source, TestDb};
 
@@ -167,10 +167,7 @@ async fn hostile_requests_never_get_a_5xx_and_leave_consistent_data() {
     service
         .wait_for("/ready", 200, Duration::from_secs(30))
         .await;
-    let http = Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let http = test_support::api_client();
     let mut rng = Rng(0x5eed_cafe_f00d_0001);
     let mut ids: Vec<String> = vec!["00000000-0000-0000-0000-000000000000".into()];
     let mut writes = 0i64;

@@ -86,6 +86,15 @@ async fn not_ready_while_the_database_is_unreachable() {
 #[test]
 fn a_bad_setting_stops_start_up_naming_it() {
     check_bad_setting(BIN, &[], "DATABASE_URL");
+    let db = || ("DATABASE_URL", "postgres://u:p@127.0.0.1/rest".to_string());
+    // No key at all, a short key, an unreadable key file.
+    check_bad_setting(BIN, &[db()], "API_KEYS");
+    check_bad_setting(BIN, &[db(), ("API_KEYS", "short".into())], "API_KEYS");
+    check_bad_setting(
+        BIN,
+        &[db(), ("API_KEYS_FILE", "/nonexistent/keys".into())],
+        "API_KEYS_FILE",
+    );
     check_bad_setting(BIN, &[("DATABASE_URL", "mysql://x".into())], "DATABASE_URL");
     let url = "postgres://u:p@127.0.0.1/rest".to_string();
     check_bad_setting(

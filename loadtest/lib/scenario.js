@@ -10,3 +10,6 @@ export function constantRate() {
     maxVUs: 100,
   };
 }
+
+// The APIs' bearer token: loadtest/run passes ./kafkify's KAFKIFY_API_KEY as API_KEY.
+export const AUTH = { Authorization: `Bearer ${__ENV.API_KEY || ''}` };

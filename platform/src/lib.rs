@@ -1,6 +1,7 @@
 //! What every Kafkify binary shares. Kept deliberately small: anything that only one service
 //! needs lives in that service's crate.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 #[cfg(feature = "kafka")]

@@ -350,3 +350,41 @@ pub fn assert_child_traceparent(stored: Option<&str>, parent: &str) {
         "the service's own span, not the caller's: {stored}"
     );
 }
+
+/// The API key of every api-rest and api-grpc a test starts ([`service::Service::spawn`] sets
+/// `API_KEYS` to it unless the test gives its own).
+pub const API_KEY: &str = "kafkify-test-key-7f3a9c1e5b20";
+
+/// An HTTP client that sends [`API_KEY`] as its bearer token.
+pub fn api_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {API_KEY}")).unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// A gRPC channel whose calls carry [`API_KEY`].
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+>;
+
+/// Adds [`API_KEY`] to a gRPC call (an interceptor).
+pub fn grpc_auth(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {API_KEY}").parse().unwrap(),
+    );
+    Ok(req)
+}
+
+/// `channel` with [`grpc_auth`] on every call.
+pub fn with_key(channel: tonic::transport::Channel) -> AuthChannel {
+    tonic::service::interceptor::InterceptedService::new(channel, grpc_auth as fn(_) -> _)
+}

@@ -61,6 +61,7 @@ impl Service {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("LOG_FORMAT", "json")
+            .env("API_KEYS", crate::API_KEY)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())

@@ -35,6 +35,9 @@ COMPOSE_FILES = ["docker-compose.yml", "docker-compose.test.yml"]
 # What every deployment sets although the binaries have a default: traces leave the pod, logs
 # are JSON lines (DESIGN.md: JSON in deployments).
 DEPLOYMENT_SETTINGS = {"OTEL_EXPORTER_OTLP_ENDPOINT", "LOG_FORMAT"}
+# Settings without a default that another setting stands in for: API_KEYS_FILE is the mounted
+# file form of API_KEYS, which the deployments set.
+ALTERNATIVES = {"API_KEYS_FILE"}
 
 
 def binary(name):
@@ -52,13 +55,24 @@ def required_settings(name):
     blocks = re.split(r"\n(?=\s+(?:-\w, )?--[a-z])", out)
     required = set()
     for block in blocks:
-        env = re.search(r"\[env: ([A-Z0-9_]+)=[^\]]*\]", block)
+        # A secret's value is hidden: `[env: API_KEYS]`, without `=`.
+        env = re.search(r"\[env: ([A-Z0-9_]+)(?:=[^\]]*)?\]", block)
         if env is None:
             continue
         default = re.search(r"\[default: ([^\]]*)\]", block)
         if default is None or "127.0.0.1" in default.group(1) or "localhost" in default.group(1):
             required.add(env.group(1))
-    return required | DEPLOYMENT_SETTINGS
+    return (required - ALTERNATIVES) | DEPLOYMENT_SETTINGS
+
+
+# What serving needs and `migrate` does not: the API keys.
+SERVING_ONLY = {"API_KEYS"}
+
+
+def needed(name, command):
+    """The required settings of a container that runs `command` (binary name first)."""
+    required = required_settings(name)
+    return required - SERVING_ONLY if "migrate" in command[1:] else required
 
 
 def served_paths():
@@ -72,7 +86,7 @@ def served_paths():
 def test_required_settings_are_read_from_help():
     # The parser must find what we know: a test that finds nothing proves nothing.
     assert {"DATABASE_URL", "KAFKA_BROKERS", "SCHEMA_REGISTRY_URL"} <= required_settings("worker")
-    assert "DATABASE_URL" in required_settings("api-rest")
+    assert {"DATABASE_URL", "API_KEYS"} <= required_settings("api-rest")
     assert "KAFKA_BROKERS" not in required_settings("api-rest")
     assert "HTTP_ADDR" not in required_settings("api-rest")
     # The relay's help wraps: its defaults sit on lines of their own.
@@ -157,7 +171,7 @@ def test_every_required_setting_is_set_in_kubernetes(overlay):
     for obj, c, name in kafkify_containers(objects):
         assert name in BINARIES, c["args"]
         seen.add(name)
-        missing = required_settings(name) - container_env(c, objects)
+        missing = needed(name, c["args"]) - container_env(c, objects)
         assert not missing, f"{overlay}: {obj['metadata']['name']}/{c['name']} lacks {sorted(missing)}"
         # Secret references point at keys that exist.
         for e in c.get("env", []):
@@ -266,7 +280,7 @@ def test_every_required_setting_is_set_in_compose():
             continue
         name = svc["command"][0]
         seen.add(name)
-        missing = required_settings(name) - set(svc.get("environment", {}))
+        missing = needed(name, svc["command"]) - set(svc.get("environment", {}))
         assert not missing, f"{svc_name} lacks {sorted(missing)}"
     assert seen == set(BINARIES)
 

@@ -124,10 +124,7 @@ fn start_load(
     counters: Arc<Counters>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let rest_base = p.rest.base.clone();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = test_support::api_client();
     let mut handles = Vec::new();
     {
         let stop = stop.clone();
@@ -203,10 +200,7 @@ fn start_load(
 /// Time from `fault_at` until a resource created after the fault was processed by the worker:
 /// the whole path works again.
 async fn recovery(p: &Pipeline, fault_at: Instant, label: &str) -> Duration {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = test_support::api_client();
     let limit = Duration::from_secs(240);
     let id = loop {
         assert!(

@@ -140,7 +140,7 @@ async fn one_trace_per_request_across_every_service() {
 
     // REST: api-rest → cdc-relay → worker.
     let (rest_trace, rest_parent) = (random_hex(16), random_hex(8));
-    let resp = reqwest::Client::new()
+    let resp = test_support::api_client()
         .post(format!("{}/api/v1/resources", p.rest.base))
         .header("traceparent", format!("00-{rest_trace}-{rest_parent}-01"))
         .json(&serde_json::json!({ "name": "traced" }))
@@ -318,7 +318,7 @@ async fn prometheus_finds_every_metric_the_dashboards_and_alerts_use() {
     // Traffic that makes every family have series: writes, reads, a miss, a task with its
     // completion, and an outbox row of an unknown type that the relay dead-letters.
     let id = p.create_resource("metrics").await;
-    let client = reqwest::Client::new();
+    let client = test_support::api_client();
     let get = client
         .get(format!("{}/api/v1/resources/{id}", p.rest.base))
         .send()

@@ -22,7 +22,7 @@ pub struct Pipeline {
     pub rest: Service,
     pub grpc: Service,
     pub worker: Option<Service>,
-    pub tasks: TaskServiceClient<tonic::transport::Channel>,
+    pub tasks: TaskServiceClient<test_support::AuthChannel>,
     pub extra: Vec<(&'static str, String)>,
     relay_env: Vec<(&'static str, String)>,
     grpc_env: Vec<(&'static str, String)>,
@@ -92,7 +92,7 @@ impl Pipeline {
             rest,
             grpc,
             worker: None,
-            tasks: TaskServiceClient::new(channel),
+            tasks: TaskServiceClient::new(test_support::with_key(channel)),
             extra,
             relay_env,
             grpc_env,
@@ -160,7 +160,7 @@ impl Pipeline {
     }
 
     pub async fn create_resource(&self, name: &str) -> String {
-        let resp = reqwest::Client::new()
+        let resp = test_support::api_client()
             .post(format!("{}/api/v1/resources", self.rest.base))
             .json(&serde_json::json!({ "name": name }))
             .send()
@@ -234,7 +234,7 @@ pub fn kill_pid(pid: u32) {
 }
 
 pub async fn wait_task(
-    client: &mut TaskServiceClient<tonic::transport::Channel>,
+    client: &mut TaskServiceClient<test_support::AuthChannel>,
     id: &str,
     limit: Duration,
 ) -> pb::Task {
