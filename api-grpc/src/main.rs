@@ -86,6 +86,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
     }
+    config
+        .kafka
+        .validate()
+        .unwrap_or_else(|e| platform::config::fail(e));
     // Migrations need no key; serving does.
     let keys = config
         .auth

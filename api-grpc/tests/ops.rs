@@ -100,6 +100,32 @@ async fn grpc_health_follows_readiness() {
 fn a_bad_setting_stops_start_up_naming_it() {
     let url = "postgres://u:p@127.0.0.1/grpc".to_string();
     check_bad_setting(BIN, &[("DATABASE_URL", url.clone())], "API_KEYS");
+    // TLS and SASL settings are checked together at start-up.
+    check_bad_setting(
+        BIN,
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("KAFKA_SECURITY_PROTOCOL", "sasl-ssl".into()),
+        ],
+        "KAFKA_SASL_MECHANISM",
+    );
+    check_bad_setting(
+        BIN,
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("KAFKA_SECURITY_PROTOCOL", "ssl".into()),
+            ("KAFKA_SSL_CA_LOCATION", "/nonexistent/ca.pem".into()),
+        ],
+        "KAFKA_SSL_CA_LOCATION",
+    );
+    check_bad_setting(
+        BIN,
+        &[
+            ("DATABASE_URL", url.clone()),
+            ("KAFKA_SECURITY_PROTOCOL", "tls".into()),
+        ],
+        "KAFKA_SECURITY_PROTOCOL",
+    );
     check_bad_setting(
         BIN,
         &[("DATABASE_URL", url.clone()), ("API_AUTH", "maybe".into())],

@@ -144,6 +144,7 @@ impl Config {
 
     /// Slot names must fit the same rule once prefixed.
     pub fn validate(&self) -> Result<(), String> {
+        self.kafka.validate()?;
         if self.sources.is_empty() {
             return Err("RELAY_SOURCES: name at least one source database".into());
         }
@@ -165,9 +166,7 @@ impl Config {
 
     /// The relay role's connection to one source database.
     pub fn source_url(&self, source: &Identifier) -> PgUrl {
-        let mut config = self.database_url.config.clone();
-        config.dbname(&source.0);
-        PgUrl { config }
+        self.database_url.with_dbname(&source.0)
     }
 }
 

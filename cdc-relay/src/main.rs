@@ -85,6 +85,8 @@ async fn main() -> anyhow::Result<()> {
 
     let mut tasks = Vec::new();
     for source in ctx.config.sources.clone() {
+        ctx.metrics
+            .init_source(&source.0, relay::SessionError::KINDS);
         tasks.push(tokio::spawn(relay::run_source(
             ctx.clone(),
             source,

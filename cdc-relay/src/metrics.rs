@@ -106,6 +106,17 @@ impl Metrics {
         m
     }
 
+    /// Creates a source's error series at 0, so that `increase()` sees its first error (a
+    /// counter that appears at 1 looks like no increase) and alerts can name it.
+    pub fn init_source(&self, source: &str, kinds: &[&'static str]) {
+        for kind in kinds {
+            let _ = self.errors.get_or_create(&ErrorLabel {
+                source: source.to_string(),
+                kind,
+            });
+        }
+    }
+
     pub fn error(&self, source: &str, kind: &'static str) {
         self.errors
             .get_or_create(&ErrorLabel {

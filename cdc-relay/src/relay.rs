@@ -58,6 +58,17 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// Every label [`SessionError::kind`] gives.
+    pub const KINDS: &'static [&'static str] = &[
+        "slot_busy",
+        "slot_lost",
+        "postgres",
+        "replication",
+        "decode",
+        "outbox",
+        "kafka",
+    ];
+
     /// A label for the errors metric.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -165,7 +176,8 @@ fn replication_config(
     source: &Identifier,
     slot: &str,
 ) -> Result<ReplicationConfig, SessionError> {
-    let url = config.source_url(source).config;
+    let pg = config.source_url(source);
+    let url = &pg.config;
     let host = match url.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
@@ -176,6 +188,7 @@ fn replication_config(
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
+    let by_ip = host.parse::<std::net::IpAddr>().is_ok();
     Ok(ReplicationConfig::new(
         host,
         url.get_user().unwrap_or_default(),
@@ -185,7 +198,15 @@ fn replication_config(
         config.publication.0.clone(),
     )
     .with_port(url.get_ports().first().copied().unwrap_or(5432))
-    .with_tls(TlsConfig::disabled())
+    // As for every other connection (platform::db::PgUrl): TLS, with the server verified,
+    // exactly when the URL says sslmode=require. pgwire-replication checks host names only, so
+    // for a server addressed by IP it verifies the certificate chain (the pool's connections
+    // to the same server check the IP too).
+    .with_tls(match (pg.requires_tls(), by_ip) {
+        (false, _) => TlsConfig::disabled(),
+        (true, true) => TlsConfig::verify_ca(pg.root_cert.clone()),
+        (true, false) => TlsConfig::verify_full(pg.root_cert.clone()),
+    })
     // 0: resume at the slot's confirmed position.
     .with_start_lsn(pgwire_replication::Lsn(0))
     // Acknowledgements reach the server within a second, so slot lag reflects reality.

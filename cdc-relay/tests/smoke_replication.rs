@@ -146,3 +146,84 @@ async fn service_roles_cannot_replicate_and_the_relay_cannot_write() {
         db.cleanup().await;
     }
 }
+
+/// TLS to Postgres: with `sslmode=require` and the local CA as `sslrootcert`, both the relay's
+/// ordinary connections and its replication stream are encrypted and the server verified; a
+/// server the client cannot verify is refused.
+#[tokio::test]
+async fn the_relay_talks_tls_to_postgres_when_the_url_asks() {
+    let db = TestDb::create(Source::Rest).await;
+    let tls = |dsn: String| {
+        format!(
+            "{dsn}?sslmode=require&sslrootcert={}",
+            test_support::stack().pg_ca
+        )
+    };
+    let url: platform::db::PgUrl = tls(db.relay_dsn()).parse().unwrap();
+    let client = platform::db::connect(&url).await.unwrap();
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the connection is encrypted");
+
+    // Without the local CA, the server's certificate does not verify: no connection, and no
+    // silent fallback to plaintext.
+    let unverified: platform::db::PgUrl = format!("{}?sslmode=require", db.relay_dsn())
+        .parse()
+        .unwrap();
+    let err = platform::db::connect(&unverified).await.unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+
+    // The relay's replication stream over TLS.
+    let tag = test_support::unique("t");
+    let relay = test_support::service::Service::spawn(
+        env!("CARGO_BIN_EXE_cdc-relay"),
+        &[
+            ("DATABASE_URL", tls(db.relay_dsn())),
+            ("RELAY_SOURCES", db.name.clone()),
+            ("RELAY_TOPIC_PREFIX", format!("{tag}.")),
+            ("RELAY_CHECKPOINT_TOPIC", format!("{tag}.checkpoints")),
+            ("KAFKA_BROKERS", test_support::stack().kafka_brokers.clone()),
+            (
+                "SCHEMA_REGISTRY_URL",
+                test_support::stack().schema_registry_url.clone(),
+            ),
+        ],
+    );
+    let mut relay = relay;
+    relay
+        .wait_for("/ready", 200, std::time::Duration::from_secs(60))
+        .await;
+    let slot = format!("kafkify_{}", db.name);
+    let admin = platform::db::connect(&test_support::stack().admin_url)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let walsender_ssl = loop {
+        let row = admin
+            .query_opt(
+                "SELECT s.ssl FROM pg_replication_slots r JOIN pg_stat_ssl s ON s.pid = r.active_pid
+                 WHERE r.slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get::<_, bool>(0);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never streamed its slot"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(walsender_ssl, "the replication stream is encrypted");
+    drop((relay, client, admin));
+    test_support::delete_topics_with_prefix(&format!("{tag}.")).await;
+    db.cleanup().await;
+}

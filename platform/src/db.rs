@@ -4,21 +4,119 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// A parsed `postgres://` URL (or key=value string). `Display` hides the password so the
 /// setting can be logged.
+///
+/// TLS: with `sslmode=require` the connection is encrypted and the server's certificate is
+/// verified (chain and host name) against the public roots, plus the CA in `sslrootcert` if
+/// the URL names one (libpq's parameter). Any other `sslmode` connects without TLS, so what a
+/// connection does never depends on what the server happens to offer.
 #[derive(Clone)]
 pub struct PgUrl {
     pub config: tokio_postgres::Config,
+    /// The CA file of `sslrootcert`, for connections that verify the server (the relay's
+    /// replication stream reads it too).
+    pub root_cert: Option<PathBuf>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl PgUrl {
+    /// Whether connections use TLS (`sslmode=require`).
+    pub fn requires_tls(&self) -> bool {
+        self.config.get_ssl_mode() == SslMode::Require
+    }
+
+    /// The same server, user and TLS settings, another database.
+    pub fn with_dbname(&self, dbname: &str) -> PgUrl {
+        let mut other = self.clone();
+        other.config.dbname(dbname);
+        other
+    }
+
+    /// The connector for this URL's connections.
+    pub fn tls(&self) -> MakeRustlsConnect {
+        MakeRustlsConnect::new((*self.tls).clone())
+    }
+}
+
+/// Takes `sslrootcert` out of a URL or key=value string: tokio-postgres does not know it.
+fn split_root_cert(s: &str) -> (String, Option<PathBuf>) {
+    // The parameters without `sslrootcert`, and its value.
+    fn take<'a>(params: impl Iterator<Item = &'a str>) -> (Vec<&'a str>, Option<PathBuf>) {
+        let mut root = None;
+        let kept = params
+            .filter(|p| match p.strip_prefix("sslrootcert=") {
+                Some(v) => {
+                    root = Some(PathBuf::from(v));
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        (kept, root)
+    }
+    if let Some((base, query)) = s.split_once('?') {
+        let (kept, root) = take(query.split('&'));
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return (rest, root);
+    }
+    if s.contains("://") {
+        return (s.to_string(), None);
+    }
+    let (kept, root) = take(s.split_whitespace());
+    (kept.join(" "), root)
+}
+
+/// rustls with the public roots and, when given, the CA of `sslrootcert`.
+fn client_tls(root_cert: Option<&PathBuf>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = root_cert {
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "sslrootcert {}: no certificate in it",
+                path.display()
+            ));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+        }
+    }
+    // ring, explicitly: more than one provider is compiled in, so there is no process default.
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 impl FromStr for PgUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let config = tokio_postgres::Config::from_str(s).map_err(|e| {
+        let (s, root_cert) = split_root_cert(s);
+        let s = s.as_str();
+        let mut config = tokio_postgres::Config::from_str(s).map_err(|e| {
             // tokio-postgres may echo the input, password included; say only what was wrong.
             let msg = e.to_string();
             if msg.contains(s) {
@@ -33,7 +131,18 @@ impl FromStr for PgUrl {
         if config.get_user().is_none() {
             return Err("the URL names no user".into());
         }
-        Ok(PgUrl { config })
+        if config.get_ssl_mode() != SslMode::Require {
+            if root_cert.is_some() {
+                return Err("sslrootcert is given but sslmode is not require".into());
+            }
+            config.ssl_mode(SslMode::Disable);
+        }
+        let tls = Arc::new(client_tls(root_cert.as_ref())?);
+        Ok(PgUrl {
+            config,
+            root_cert,
+            tls,
+        })
     }
 }
 
@@ -120,7 +229,7 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
 pub fn pool(args: &DatabaseArgs) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
         args.database_url.config.clone(),
-        NoTls,
+        args.database_url.tls(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -212,7 +321,7 @@ impl PoolMetrics {
 pub async fn connect(url: &PgUrl) -> Result<tokio_postgres::Client, DbError> {
     let (client, connection) =
         url.config
-            .connect(NoTls)
+            .connect(url.tls())
             .await
             .map_err(|source| DbError::Connect {
                 url: url.to_string(),
@@ -296,6 +405,72 @@ mod tests {
             .parse::<PgUrl>()
             .unwrap_err();
         assert!(!err.contains("topsecret"), "{err}");
+    }
+
+    #[test]
+    fn tls_exactly_when_sslmode_is_require() {
+        let plain: PgUrl = "postgres://u:p@h/d".parse().unwrap();
+        assert!(!plain.requires_tls());
+        assert_eq!(
+            plain.config.get_ssl_mode(),
+            SslMode::Disable,
+            "prefer means no TLS"
+        );
+        let tls: PgUrl = "postgres://u:p@h/d?sslmode=require".parse().unwrap();
+        assert!(tls.requires_tls());
+        assert_eq!(tls.root_cert, None);
+
+        let dir = std::env::temp_dir().join(format!("kafkify-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        let url = format!(
+            "postgres://u:p@h/d?sslmode=require&sslrootcert={}",
+            empty.display()
+        );
+        assert!(url.parse::<PgUrl>().unwrap_err().contains("sslrootcert"));
+        let missing = "postgres://u:p@h/d?sslmode=require&sslrootcert=/nonexistent/ca.pem";
+        assert!(missing
+            .parse::<PgUrl>()
+            .unwrap_err()
+            .contains("/nonexistent/ca.pem"));
+        let not_required = "postgres://u:p@h/d?sslrootcert=/x.pem";
+        assert!(not_required
+            .parse::<PgUrl>()
+            .unwrap_err()
+            .contains("sslmode"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn sslrootcert_is_taken_out_of_urls_and_key_value_strings() {
+        assert_eq!(
+            split_root_cert(
+                "postgres://u@h/d?sslmode=require&sslrootcert=/ca.pem&connect_timeout=5"
+            ),
+            (
+                "postgres://u@h/d?sslmode=require&connect_timeout=5".to_string(),
+                Some(PathBuf::from("/ca.pem"))
+            )
+        );
+        assert_eq!(
+            split_root_cert("postgres://u@h/d?sslrootcert=/ca.pem"),
+            (
+                "postgres://u@h/d".to_string(),
+                Some(PathBuf::from("/ca.pem"))
+            )
+        );
+        assert_eq!(
+            split_root_cert("host=h user=u dbname=d sslmode=require sslrootcert=/ca.pem"),
+            (
+                "host=h user=u dbname=d sslmode=require".to_string(),
+                Some(PathBuf::from("/ca.pem"))
+            )
+        );
+        assert_eq!(
+            split_root_cert("postgres://u@h/d"),
+            ("postgres://u@h/d".to_string(), None)
+        );
     }
 }
 

@@ -14,24 +14,142 @@ use rdkafka::ClientConfig;
 
 use crate::config::Brokers;
 
-/// `KAFKA_BROKERS` and the knobs every Kafka client of ours has.
+/// How the clients reach the brokers (librdkafka's `security.protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn librdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+/// `KAFKA_BROKERS`, TLS and SASL, and the knobs every Kafka client of ours has.
 #[derive(Clone, Debug, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, host:port[,host:port…].
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: Brokers,
+
+    /// `plaintext`, `ssl` (TLS), `sasl-plaintext` or `sasl-ssl`.
+    #[arg(
+        long,
+        env = "KAFKA_SECURITY_PROTOCOL",
+        value_enum,
+        default_value = "plaintext"
+    )]
+    pub kafka_security_protocol: SecurityProtocol,
+
+    /// PEM file of the CA that signed the brokers' certificates (TLS); the system's CAs
+    /// otherwise.
+    #[arg(long, env = "KAFKA_SSL_CA_LOCATION")]
+    pub kafka_ssl_ca_location: Option<std::path::PathBuf>,
+
+    /// PEM client certificate, for brokers that require mutual TLS.
+    #[arg(
+        long,
+        env = "KAFKA_SSL_CERTIFICATE_LOCATION",
+        requires = "kafka_ssl_key_location"
+    )]
+    pub kafka_ssl_certificate_location: Option<std::path::PathBuf>,
+
+    /// PEM private key of the client certificate.
+    #[arg(
+        long,
+        env = "KAFKA_SSL_KEY_LOCATION",
+        requires = "kafka_ssl_certificate_location"
+    )]
+    pub kafka_ssl_key_location: Option<std::path::PathBuf>,
+
+    /// SASL mechanism with `sasl-*`: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", value_parser = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])]
+    pub kafka_sasl_mechanism: Option<String>,
+
+    /// SASL user name.
+    #[arg(long, env = "KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+
+    /// SASL password.
+    #[arg(long, env = "KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<String>,
 }
 
 impl KafkaArgs {
-    /// A librdkafka config with the bootstrap servers and a client id naming the service.
+    /// A librdkafka config with the bootstrap servers, TLS and SASL settings, and a client id
+    /// naming the service.
     pub fn client_config(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.kafka_brokers.0)
             .set("client.id", client_id)
             // Fail fast on a dead cluster instead of librdkafka's default of retrying forever
             // inside calls that have their own timeouts.
-            .set("socket.timeout.ms", "10000");
+            .set("socket.timeout.ms", "10000")
+            .set(
+                "security.protocol",
+                self.kafka_security_protocol.librdkafka(),
+            );
+        let path = |p: &std::path::PathBuf| p.display().to_string();
+        if let Some(ca) = &self.kafka_ssl_ca_location {
+            c.set("ssl.ca.location", path(ca));
+        }
+        if let Some(cert) = &self.kafka_ssl_certificate_location {
+            c.set("ssl.certificate.location", path(cert));
+        }
+        if let Some(key) = &self.kafka_ssl_key_location {
+            c.set("ssl.key.location", path(key));
+        }
+        if let Some(m) = &self.kafka_sasl_mechanism {
+            c.set("sasl.mechanism", m);
+        }
+        if let Some(u) = &self.kafka_sasl_username {
+            c.set("sasl.username", u);
+        }
+        if let Some(p) = &self.kafka_sasl_password {
+            c.set("sasl.password", p);
+        }
         c
+    }
+
+    /// Checks the TLS and SASL settings together, naming the setting at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        let sasl = matches!(
+            self.kafka_security_protocol,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        );
+        if sasl
+            && (self.kafka_sasl_mechanism.is_none()
+                || self.kafka_sasl_username.is_none()
+                || self.kafka_sasl_password.is_none())
+        {
+            return Err("KAFKA_SECURITY_PROTOCOL=sasl-*: KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are required".into());
+        }
+        for (name, file) in [
+            ("KAFKA_SSL_CA_LOCATION", &self.kafka_ssl_ca_location),
+            (
+                "KAFKA_SSL_CERTIFICATE_LOCATION",
+                &self.kafka_ssl_certificate_location,
+            ),
+            ("KAFKA_SSL_KEY_LOCATION", &self.kafka_ssl_key_location),
+        ] {
+            if let Some(f) = file {
+                std::fs::metadata(f).map_err(|e| format!("{name} {}: {e}", f.display()))?;
+            }
+        }
+        // Creating a client is where librdkafka checks the rest (e.g. an unreadable PEM).
+        self.client_config("kafkify-config-check")
+            .create::<rdkafka::producer::BaseProducer>()
+            .map(drop)
+            .map_err(|e| format!("KAFKA_SECURITY_PROTOCOL / KAFKA_SSL_* / KAFKA_SASL_*: {e}"))
     }
 
     /// An admin client, used for metadata (readiness) and topic administration.

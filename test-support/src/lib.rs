@@ -40,6 +40,8 @@ pub struct Stack {
     pub schema_registry_url: String,
     /// OTLP/HTTP endpoint of the local Jaeger.
     pub otlp_endpoint: String,
+    /// The CA of the local Postgres's TLS certificate.
+    pub pg_ca: String,
     /// Jaeger's query API.
     pub jaeger_url: String,
     passwords: HashMap<String, String>,
@@ -78,6 +80,7 @@ pub fn stack() -> &'static Stack {
             kafka_brokers: get("KAFKA_BROKERS"),
             schema_registry_url: get("SCHEMA_REGISTRY_URL"),
             otlp_endpoint: get("KAFKIFY_OTLP_ENDPOINT"),
+            pg_ca: get("KAFKIFY_PG_CA"),
             jaeger_url: get("KAFKIFY_JAEGER_URL"),
             passwords,
         }

@@ -35,9 +35,18 @@ COMPOSE_FILES = ["docker-compose.yml", "docker-compose.test.yml"]
 # What every deployment sets although the binaries have a default: traces leave the pod, logs
 # are JSON lines (DESIGN.md: JSON in deployments).
 DEPLOYMENT_SETTINGS = {"OTEL_EXPORTER_OTLP_ENDPOINT", "LOG_FORMAT"}
-# Settings without a default that another setting stands in for: API_KEYS_FILE is the mounted
-# file form of API_KEYS, which the deployments set.
-ALTERNATIVES = {"API_KEYS_FILE"}
+# Settings without a default that a deployment may leave out: API_KEYS_FILE is the mounted
+# file form of API_KEYS, which the deployments set; the Kafka TLS and SASL files and
+# credentials matter only with KAFKA_SECURITY_PROTOCOL other than plaintext.
+ALTERNATIVES = {
+    "API_KEYS_FILE",
+    "KAFKA_SSL_CA_LOCATION",
+    "KAFKA_SSL_CERTIFICATE_LOCATION",
+    "KAFKA_SSL_KEY_LOCATION",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+}
 
 
 def binary(name):

@@ -80,6 +80,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
     }
+    config
+        .kafka
+        .validate()
+        .unwrap_or_else(|e| platform::config::fail(e));
     let shutdown = platform::shutdown::token();
 
     let mut registry = platform::metrics::registry("worker");

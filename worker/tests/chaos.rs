@@ -125,16 +125,11 @@ fn start_load(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let rest_base = p.rest.base.clone();
     let http = test_support::api_client();
-    let mut handles = Vec::new();
-    {
-        let stop = stop.clone();
+    let rest = {
         let counters = counters.clone();
-        handles.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                n += 1;
+        steady(stop.clone(), move |n| {
+            let (http, rest_base, counters) = (http.clone(), rest_base.clone(), counters.clone());
+            async move {
                 counters.requests.fetch_add(1, Ordering::Relaxed);
                 let created = http
                     .post(format!("{rest_base}/api/v1/resources"))
@@ -151,7 +146,7 @@ fn start_load(
                 };
                 let Some(id) = id else {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                    return;
                 };
                 for v in 2..=3 {
                     counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -167,34 +162,48 @@ fn start_load(
                     }
                 }
             }
-        }));
-    }
-    {
-        let mut client = p.tasks.clone();
-        let counters = counters.clone();
-        handles.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                n += 1;
-                counters.requests.fetch_add(1, Ordering::Relaxed);
-                let mut req = tonic::Request::new(pb::ProcessTaskRequest {
-                    r#type: "checksum".into(),
-                    input: format!(r#"{{"n": {n}}}"#),
-                    idempotency_key: String::new(),
-                });
-                req.set_timeout(Duration::from_secs(5));
-                let ok = tokio::time::timeout(Duration::from_secs(6), client.process_task(req))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-                if !ok {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                }
+        })
+    };
+    let client = p.tasks.clone();
+    let grpc = steady(stop, move |n| {
+        let (mut client, counters) = (client.clone(), counters.clone());
+        async move {
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            let mut req = tonic::Request::new(pb::ProcessTaskRequest {
+                r#type: "checksum".into(),
+                input: format!(r#"{{"n": {n}}}"#),
+                idempotency_key: String::new(),
+            });
+            req.set_timeout(Duration::from_secs(5));
+            let ok = tokio::time::timeout(Duration::from_secs(6), client.process_task(req))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !ok {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
             }
-        }));
-    }
-    handles
+        }
+    });
+    vec![rest, grpc]
+}
+
+/// Runs `step(1)`, `step(2)`, … one every 50 ms until `stop`.
+fn steady<F, Fut>(
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    mut step: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut(u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            n += 1;
+            step(n).await;
+        }
+    })
 }
 
 /// Time from `fault_at` until a resource created after the fault was processed by the worker:

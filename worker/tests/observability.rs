@@ -310,6 +310,9 @@ fn promtool(args: &[&str]) {
 fn promtool_accepts_the_configuration_and_the_rules() {
     promtool(&["check", "config", "prometheus.yml"]);
     promtool(&["check", "rules", "alerts.yml"]);
+    // Unit tests of the WAL-safety alerts: they fire on a stopped relay's growing slot lag and
+    // on an invalidated slot.
+    promtool(&["test", "rules", "alerts.test.yml"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
