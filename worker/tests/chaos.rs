@@ -530,3 +530,130 @@ async fn every_fault_under_load_loses_and_duplicates_nothing() {
     drop((grpc, worker));
     p.stop().await;
 }
+
+/// An invalidated slot: with `max_slot_wal_keep_size` at 1 MB, a slot nobody reads loses its
+/// WAL at the next checkpoint. The relay must say so (`errors_total{kind="slot_lost"}`, which
+/// `KafkifySlotInvalidated` alerts on) and stream nothing from it, not quietly start afresh.
+/// It changes a server setting for a moment, so it runs with the chaos suite, alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "changes max_slot_wal_keep_size of the shared Postgres; ./kafkify test runs it alone"]
+async fn an_invalidated_slot_is_reported_and_not_streamed_from() {
+    let admin = platform::db::connect(&stack().admin_url).await.unwrap();
+    let db = test_support::TestDb::create(test_support::Source::Rest).await;
+    let slot = format!("kafkify_{}", db.name);
+    admin
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    // One statement each: ALTER SYSTEM refuses to run inside a (multi-statement) transaction.
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let owner = db.owner().await;
+    let mut status = String::new();
+    for _ in 0..10 {
+        owner
+            .batch_execute(&test_support::bench::outbox_insert_sql(500, 500, 0))
+            .await
+            .unwrap();
+        for sql in ["SELECT pg_switch_wal()", "CHECKPOINT"] {
+            admin.batch_execute(sql).await.unwrap();
+        }
+        status = admin
+            .query_one(
+                "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status == "lost" {
+            break;
+        }
+    }
+    for sql in [
+        "ALTER SYSTEM RESET max_slot_wal_keep_size",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    assert_eq!(status, "lost", "the slot was not invalidated");
+
+    let tag = test_support::unique("t");
+    let relay = test_support::service::Service::spawn(
+        &test_support::service::workspace_bin("cdc-relay"),
+        &[
+            ("DATABASE_URL", db.relay_dsn()),
+            ("RELAY_SOURCES", db.name.clone()),
+            ("RELAY_TOPIC_PREFIX", format!("{tag}.")),
+            ("RELAY_CHECKPOINT_TOPIC", format!("{tag}.checkpoints")),
+            ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+            ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, metrics) = relay.get("/metrics").await;
+        let lost = metrics.lines().any(|l| {
+            l.starts_with("kafkify_cdc_relay_errors_total{")
+                && l.contains(r#"kind="slot_lost""#)
+                && !l.ends_with(" 0")
+        });
+        if lost {
+            assert!(
+                metrics.contains("kafkify_cdc_relay_source_streaming{")
+                    && !metrics
+                        .lines()
+                        .any(|l| l.starts_with("kafkify_cdc_relay_source_streaming{")
+                            && l.ends_with(" 1")),
+                "never streaming: {metrics}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot_lost error reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Nothing was published, and the slot is still there, still lost: not dropped and
+    // recreated behind the operator's back.
+    let consumer: BaseConsumer = stack()
+        .kafka_config()
+        .set("group.id", consumer_group("chaos-lost"))
+        .create()
+        .unwrap();
+    let topic = format!("{tag}.resource.created");
+    let md = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .unwrap();
+    let published: i64 = md.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            consumer
+                .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
+                .map(|(_, high)| high)
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(
+        published, 0,
+        "nothing is published from a slot that lost WAL"
+    );
+    let still: String = admin
+        .query_one(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, "lost");
+    drop((relay, owner, admin));
+    test_support::delete_topics_with_prefix(&format!("{tag}.")).await;
+    db.cleanup().await;
+}
