@@ -157,7 +157,8 @@ impl Source {
         }
     }
 
-    fn runner(self) -> refinery::Runner {
+    /// The embedded migrations of this source's database.
+    pub fn runner(self) -> refinery::Runner {
         match self {
             Source::Rest => migrations::rest::migrations::runner(),
             Source::Grpc => migrations::grpc::migrations::runner(),
