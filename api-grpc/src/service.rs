@@ -120,6 +120,11 @@ pub struct TaskService {
 fn db_status(e: StoreError) -> Status {
     match e {
         StoreError::KeyReused(_) => Status::already_exists(e.to_string()),
+        // The server's own expiry: the caller may see this or its client's CANCELLED, whichever
+        // comes first; nothing was written either way.
+        StoreError::DeadlineExceeded(_) => Status::deadline_exceeded(
+            "the deadline passed before the task was stored; nothing was written",
+        ),
         StoreError::Db(cause) | StoreError::Pool(cause) => {
             tracing::error!(%cause, "database failure");
             Status::unavailable("the database is unavailable; retry later")

@@ -74,6 +74,10 @@ fn task(row: &Row) -> Task {
 pub enum StoreError {
     #[error("idempotency key `{0}` was already used for a different task")]
     KeyReused(String),
+    /// The statement outran the caller's deadline (`statement_timeout` set from
+    /// `grpc-timeout`); its transaction rolled back.
+    #[error("the deadline passed before the database finished: {0}")]
+    DeadlineExceeded(String),
     #[error("database: {0}")]
     Db(String),
     #[error("database pool: {0}")]
@@ -82,6 +86,9 @@ pub enum StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> StoreError {
+        if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+            return StoreError::DeadlineExceeded(platform::db::describe(&e));
+        }
         StoreError::Db(platform::db::describe(&e))
     }
 }
