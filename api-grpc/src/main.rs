@@ -91,13 +91,7 @@ async fn main() -> anyhow::Result<()> {
         .validate()
         .unwrap_or_else(|e| platform::config::fail(e));
     // Migrations need no key; serving does.
-    let keys = config
-        .auth
-        .keys()
-        .unwrap_or_else(|e| platform::config::fail(e));
-    if !keys.enabled() {
-        tracing::warn!("API_AUTH=none: the task service accepts calls without a key");
-    }
+    let keys = config.auth.keys_or_exit("the task service");
     let shutdown = platform::shutdown::token();
 
     let mut registry = platform::metrics::registry("api-grpc");

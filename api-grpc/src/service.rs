@@ -477,16 +477,22 @@ pub async fn listen(
 pub fn oversized_is_resource_exhausted<B>(
     mut resp: tonic::codegen::http::Response<B>,
 ) -> tonic::codegen::http::Response<B> {
+    // Every response passes here: parse the status, and read the message only for that one.
     let headers = resp.headers_mut();
     let out_of_range = headers
         .get("grpc-status")
-        .is_some_and(|v| v == (tonic::Code::OutOfRange as i32).to_string().as_str());
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        == Some(tonic::Code::OutOfRange as i32);
     // The message is percent-encoded on the wire.
-    let too_large = headers.get("grpc-message").is_some_and(|m| {
-        let m = String::from_utf8_lossy(m.as_bytes()).replace("%20", " ");
-        m.contains("message length too large")
-    });
-    if out_of_range && too_large {
+    let too_large = || {
+        headers.get("grpc-message").is_some_and(|m| {
+            String::from_utf8_lossy(m.as_bytes())
+                .replace("%20", " ")
+                .contains("message length too large")
+        })
+    };
+    if out_of_range && too_large() {
         headers.insert(
             "grpc-status",
             tonic::codegen::http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),

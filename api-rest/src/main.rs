@@ -83,13 +83,7 @@ async fn main() -> anyhow::Result<()> {
         .await;
     }
     // Migrations need no key; serving does.
-    let keys = config
-        .auth
-        .keys()
-        .unwrap_or_else(|e| platform::config::fail(e));
-    if !keys.enabled() {
-        tracing::warn!("API_AUTH=none: the API accepts calls without a key");
-    }
+    let keys = config.auth.keys_or_exit("the API");
     let shutdown = platform::shutdown::token();
 
     let pool = platform::db::pool(&config.db)?;

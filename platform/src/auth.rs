@@ -74,6 +74,16 @@ impl std::fmt::Debug for ApiKeys {
 }
 
 impl AuthArgs {
+    /// The keys a server of `what` accepts; a bad setting stops start-up with one line naming
+    /// it, and authentication turned off is said once.
+    pub fn keys_or_exit(&self, what: &str) -> ApiKeys {
+        let keys = self.keys().unwrap_or_else(|e| crate::config::fail(e));
+        if !keys.enabled() {
+            tracing::warn!("API_AUTH=none: {what} accepts calls without a key");
+        }
+        keys
+    }
+
     pub fn keys(&self) -> Result<ApiKeys, AuthConfigError> {
         let mut keys: Vec<String> = self
             .api_keys

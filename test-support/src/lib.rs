@@ -58,17 +58,25 @@ fn stack_env_file() -> HashMap<String, String> {
         .collect()
 }
 
+/// A setting of the local stack: the environment first, then `.kafkify/stack.env`.
+pub fn stack_setting(key: &str) -> String {
+    static FILE: OnceLock<HashMap<String, String>> = OnceLock::new();
+    std::env::var(key)
+        .ok()
+        .or_else(|| FILE.get_or_init(stack_env_file).get(key).cloned())
+        .unwrap_or_else(|| {
+            panic!("{key} is not set and .kafkify/stack.env has no value: start the stack with `./kafkify up --infra`")
+        })
+}
+
 /// The stack every test of this process shares.
 pub fn stack() -> &'static Stack {
     static STACK: OnceLock<Stack> = OnceLock::new();
     STACK.get_or_init(|| {
-        let file = stack_env_file();
-        let get = |key: &str| {
-            std::env::var(key).ok().or_else(|| file.get(key).cloned()).unwrap_or_else(|| {
-                panic!("{key} is not set and .kafkify/stack.env has no value: start the stack with `./kafkify up --infra`")
-            })
-        };
-        let admin_url: PgUrl = get("KAFKIFY_PG_ADMIN_URL").parse().expect("KAFKIFY_PG_ADMIN_URL");
+        let get = stack_setting;
+        let admin_url: PgUrl = get("KAFKIFY_PG_ADMIN_URL")
+            .parse()
+            .expect("KAFKIFY_PG_ADMIN_URL");
         let passwords = get("KAFKIFY_PG_PASSWORDS")
             .split(',')
             .filter_map(|kv| kv.split_once('='))

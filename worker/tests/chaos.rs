@@ -26,7 +26,7 @@ use api_grpc::pb;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::Message;
-use test_support::{consumer_group, stack};
+use test_support::{consumer_group, stack, stack_setting};
 
 /// Load before each fault, so the fault hits a pipeline in steady state.
 const STEADY: Duration = Duration::from_secs(6);
@@ -42,20 +42,6 @@ fn epoch() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-/// A setting of the local stack (./kafkify writes them to .kafkify/stack.env).
-fn stack_setting(key: &str) -> String {
-    if let Ok(v) = std::env::var(key) {
-        return v;
-    }
-    let text = std::fs::read_to_string(root().join(".kafkify/stack.env")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.to_string())
-        .unwrap_or_else(|| panic!("{key} is not set: start the stack with ./kafkify up --infra"))
 }
 
 fn pid_file(path: &Path) -> u32 {
