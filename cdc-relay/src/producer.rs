@@ -22,6 +22,15 @@ use crate::pgoutput::Lsn;
 /// How long a transaction commit or abort may take before the batch counts as failed.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `transaction.timeout.ms`: how long the broker keeps a transaction of a dead relay open
+/// before it aborts it.
+const TXN_EXPIRY: Duration = Duration::from_secs(60);
+
+/// Reading the checkpoint may have to wait for another producer's transaction on the topic to
+/// end, which the broker guarantees within that producer's transaction timeout plus its
+/// expiry check (`transaction.abort.timed.out.transaction.cleanup.interval.ms`, 10 s).
+const CHECKPOINT_READ_LIMIT: Duration = Duration::from_secs(90);
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("Kafka: {0}")]
@@ -30,7 +39,10 @@ pub enum SinkError {
     Delivery(KafkaError),
     #[error("checkpoint record for `{key}` is unreadable: {value:?}")]
     BadCheckpoint { key: String, value: String },
-    #[error("checkpoint topic `{topic}` was not read to its end within {secs} s")]
+    #[error(
+        "checkpoint topic `{topic}` was not read to its end within {secs} s: a transaction \
+         left open on it (another relay's or source's) holds back read_committed readers"
+    )]
     CheckpointTimeout { topic: String, secs: u64 },
     #[error("Kafka worker task failed: {0}")]
     Task(String),
@@ -112,7 +124,7 @@ impl Sink {
                     let producer: FutureProducer = config
                         .clone()
                         .set("transactional.id", id)
-                        .set("transaction.timeout.ms", "60000")
+                        .set("transaction.timeout.ms", TXN_EXPIRY.as_millis().to_string())
                         .create()?;
                     let p = producer.clone();
                     blocking(move || p.init_transactions(TXN_TIMEOUT)).await??;
@@ -367,13 +379,20 @@ fn read_checkpoint(
     topic: &str,
     key: &str,
 ) -> Result<Option<Lsn>, SinkError> {
-    const LIMIT: Duration = Duration::from_secs(30);
-    let consumer: BaseConsumer = base
-        .set("group.id", format!("kafkify-relay-checkpoint-{key}"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+    let group = format!("kafkify-relay-checkpoint-{key}");
+    base.set("group.id", group)
+        .set("enable.auto.commit", "false");
+    // The true end of the log, not the last stable offset a read_committed client is told:
+    // every source shares this partition, and another source's open transaction (one a crash
+    // left behind, until that source fences it) keeps the LSO below batches we committed later.
+    // Stopping there would return an older checkpoint and re-publish what came after it.
+    let end: BaseConsumer = base
+        .clone()
+        .set("isolation.level", "read_uncommitted")
         .create()?;
-    let (_, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+    let (_, high) = end.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+    drop(end);
+    let consumer: BaseConsumer = base.set("isolation.level", "read_committed").create()?;
     if high == 0 {
         return Ok(None);
     }
@@ -384,7 +403,8 @@ fn read_checkpoint(
     let mut last = None;
     loop {
         // Read until our position passes the high watermark seen at the start: with
-        // read_committed the position also moves past aborted records and markers.
+        // read_committed the position also moves past aborted records and markers, and it
+        // gets there once every transaction open at the start has ended.
         let position = consumer
             .position()?
             .find_partition(topic, 0)
@@ -393,10 +413,10 @@ fn read_checkpoint(
         if position >= high {
             return Ok(last);
         }
-        if start.elapsed() > LIMIT {
+        if start.elapsed() > CHECKPOINT_READ_LIMIT {
             return Err(SinkError::CheckpointTimeout {
                 topic: topic.to_string(),
-                secs: LIMIT.as_secs(),
+                secs: CHECKPOINT_READ_LIMIT.as_secs(),
             });
         }
         if let Some(msg) = consumer.poll(Duration::from_millis(200)) {

@@ -1,0 +1,124 @@
+//! The exactly-once checkpoint against the local Kafka: what a restarted relay reads back is
+//! the last batch it committed, even while another producer's transaction is open on the
+//! checkpoint topic. Every source of every relay shares that topic, so after a crash the
+//! other sources' orphaned transactions stay open until their own sessions fence them.
+
+use std::time::Duration;
+
+use cdc_relay::config::Delivery;
+use cdc_relay::pgoutput::Lsn;
+use cdc_relay::producer::{Outgoing, Progress, Sink};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use test_support::{create_topics, delete_topics, stack, unique};
+
+/// Publishes one empty batch (just the checkpoint) up to `upto` and waits until it committed.
+async fn commit_checkpoint(topic: &str, key: &str, upto: u64) {
+    let sink = Sink::create(stack().kafka_config(), Delivery::ExactlyOnce, topic, key)
+        .await
+        .expect("sink");
+    let (batches, mut progress) = sink.start::<()>();
+    assert!(matches!(progress.recv().await, Some(Progress::Ready)));
+    batches
+        .send(Outgoing {
+            records: Vec::new(),
+            upto: Lsn(upto),
+            meta: (),
+        })
+        .await
+        .expect("pipeline takes the batch");
+    loop {
+        match progress.recv().await {
+            Some(Progress::Ready) => {}
+            Some(Progress::Acked { upto: acked, .. }) => {
+                assert_eq!(acked, Lsn(upto));
+                return;
+            }
+            Some(Progress::Failed(e)) => panic!("batch up to {upto} failed: {e}"),
+            None => panic!("pipeline ended before acknowledging {upto}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_restart_reads_its_last_checkpoint_past_another_open_transaction() {
+    let topics = create_topics(&["checkpoint"], 1).await;
+    let topic = topics[0].clone();
+    let key = unique("slot");
+
+    commit_checkpoint(&topic, &key, 100).await;
+
+    // Another source's batch, begun and never committed, as a SIGKILLed relay leaves it.
+    let orphan: FutureProducer = stack()
+        .kafka_config()
+        .set("transactional.id", unique("orphan"))
+        .create()
+        .unwrap();
+    let p = orphan.clone();
+    tokio::task::spawn_blocking(move || {
+        p.init_transactions(Duration::from_secs(30))?;
+        p.begin_transaction()
+    })
+    .await
+    .unwrap()
+    .expect("orphan transaction begins");
+    orphan
+        .send(
+            FutureRecord::to(&topic)
+                .key("other-source")
+                .payload(r#"{"lsn":"0/1"}"#)
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("orphan record appended");
+
+    // Committed after the orphan's record: above the partition's last stable offset.
+    commit_checkpoint(&topic, &key, 200).await;
+
+    // The orphan ends only while the restarted relay is reading, as when a slower source's
+    // session fences its own producers.
+    let aborter = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::task::spawn_blocking(move || orphan.abort_transaction(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("orphan aborts");
+    });
+
+    let restarted = Sink::create(stack().kafka_config(), Delivery::ExactlyOnce, &topic, &key)
+        .await
+        .expect("sink");
+    let checkpoint = restarted
+        .read_checkpoint(stack().kafka_config())
+        .await
+        .expect("checkpoint read");
+    aborter.await.unwrap();
+    // 100 here would re-publish everything between the two checkpoints.
+    assert_eq!(checkpoint, Some(Lsn(200)));
+
+    delete_topics(&topics).await;
+}
+
+#[tokio::test]
+async fn a_source_that_never_committed_has_no_checkpoint() {
+    let topics = create_topics(&["checkpoint"], 1).await;
+    let topic = topics[0].clone();
+    commit_checkpoint(&topic, &unique("slot"), 100).await;
+
+    let sink = Sink::create(
+        stack().kafka_config(),
+        Delivery::ExactlyOnce,
+        &topic,
+        &unique("slot"),
+    )
+    .await
+    .expect("sink");
+    let checkpoint = sink
+        .read_checkpoint(stack().kafka_config())
+        .await
+        .expect("checkpoint read");
+    assert_eq!(checkpoint, None);
+
+    delete_topics(&topics).await;
+}
