@@ -39,6 +39,16 @@ async fn commit_checkpoint(topic: &str, key: &str, upto: u64) {
     }
 }
 
+/// What a relay restarting for `key` reads back, after fencing its earlier producers.
+async fn restart_and_read(topic: &str, key: &str) -> Option<Lsn> {
+    let sink = Sink::create(stack().kafka_config(), Delivery::ExactlyOnce, topic, key)
+        .await
+        .expect("sink");
+    sink.read_checkpoint(stack().kafka_config())
+        .await
+        .expect("checkpoint read")
+}
+
 #[tokio::test]
 async fn a_restart_reads_its_last_checkpoint_past_another_open_transaction() {
     let topics = create_topics(&["checkpoint"], 1).await;
@@ -86,13 +96,7 @@ async fn a_restart_reads_its_last_checkpoint_past_another_open_transaction() {
             .expect("orphan aborts");
     });
 
-    let restarted = Sink::create(stack().kafka_config(), Delivery::ExactlyOnce, &topic, &key)
-        .await
-        .expect("sink");
-    let checkpoint = restarted
-        .read_checkpoint(stack().kafka_config())
-        .await
-        .expect("checkpoint read");
+    let checkpoint = restart_and_read(&topic, &key).await;
     aborter.await.unwrap();
     // 100 here would re-publish everything between the two checkpoints.
     assert_eq!(checkpoint, Some(Lsn(200)));
@@ -106,19 +110,7 @@ async fn a_source_that_never_committed_has_no_checkpoint() {
     let topic = topics[0].clone();
     commit_checkpoint(&topic, &unique("slot"), 100).await;
 
-    let sink = Sink::create(
-        stack().kafka_config(),
-        Delivery::ExactlyOnce,
-        &topic,
-        &unique("slot"),
-    )
-    .await
-    .expect("sink");
-    let checkpoint = sink
-        .read_checkpoint(stack().kafka_config())
-        .await
-        .expect("checkpoint read");
-    assert_eq!(checkpoint, None);
+    assert_eq!(restart_and_read(&topic, &unique("slot")).await, None);
 
     delete_topics(&topics).await;
 }
