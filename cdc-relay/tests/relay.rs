@@ -736,3 +736,37 @@ async fn a_stopped_relay_shows_as_slot_lag_and_catches_up() {
     drop((active, standby, client));
     f.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_relay_publishes_exactly_once_over_sasl_and_tls() {
+    // The relay reaches Kafka only through the broker's SASL_SSL listener: its producers,
+    // transactions, checkpoint reader and topic administration all go over it.
+    let f = Fixture::new().await;
+    let sasl = test_support::kafka_tls::sasl();
+    let extra: Vec<(&'static str, &str)> = sasl.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut relay = Service::spawn(BIN, &f.env_with(&extra));
+    relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+    let mut client = f.db.owner().await;
+    let mut want: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut want_ids = HashSet::new();
+    for t in 0..10 {
+        let tx = client.transaction().await.unwrap();
+        for v in 1..=3 {
+            let row = created(Uuid::new_v4(), &format!("tls-{t}"), v);
+            insert(&tx, &row).await;
+            want.entry(row.1.clone()).or_default().push(v);
+            want_ids.insert(row.0.to_string());
+        }
+        tx.commit().await.unwrap();
+    }
+    let got = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+        |r| r.len() >= 30,
+    )
+    .await;
+    assert_exactly_once_in_order(&got, &want, &want_ids);
+    drop(relay);
+    f.cleanup().await;
+}

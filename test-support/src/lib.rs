@@ -95,6 +95,47 @@ pub fn stack() -> &'static Stack {
     })
 }
 
+/// The local broker's TLS listeners, as a service's Kafka settings (`KAFKA_BROKERS`,
+/// `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SSL_*`, `KAFKA_SASL_*`).
+pub mod kafka_tls {
+    use super::stack_setting;
+
+    /// Mutual TLS: the broker verifies the client's certificate.
+    pub fn mutual() -> Vec<(&'static str, String)> {
+        vec![
+            ("KAFKA_BROKERS", stack_setting("KAFKIFY_KAFKA_SSL_BROKERS")),
+            ("KAFKA_SECURITY_PROTOCOL", "ssl".into()),
+            ("KAFKA_SSL_CA_LOCATION", stack_setting("KAFKIFY_KAFKA_CA")),
+            (
+                "KAFKA_SSL_CERTIFICATE_LOCATION",
+                stack_setting("KAFKIFY_KAFKA_CLIENT_CERT"),
+            ),
+            (
+                "KAFKA_SSL_KEY_LOCATION",
+                stack_setting("KAFKIFY_KAFKA_CLIENT_KEY"),
+            ),
+        ]
+    }
+
+    /// SASL PLAIN over TLS.
+    pub fn sasl() -> Vec<(&'static str, String)> {
+        vec![
+            ("KAFKA_BROKERS", stack_setting("KAFKIFY_KAFKA_SASL_BROKERS")),
+            ("KAFKA_SECURITY_PROTOCOL", "sasl-ssl".into()),
+            ("KAFKA_SSL_CA_LOCATION", stack_setting("KAFKIFY_KAFKA_CA")),
+            ("KAFKA_SASL_MECHANISM", "PLAIN".into()),
+            (
+                "KAFKA_SASL_USERNAME",
+                stack_setting("KAFKIFY_KAFKA_SASL_USER"),
+            ),
+            (
+                "KAFKA_SASL_PASSWORD",
+                stack_setting("KAFKIFY_KAFKA_SASL_PASSWORD"),
+            ),
+        ]
+    }
+}
+
 impl Stack {
     /// The local password of a service role (`rest`, `grpc`, `worker`, `relay`).
     pub fn password(&self, role: &str) -> &str {
