@@ -3,7 +3,6 @@
 //! ways, and a missing client certificate, a wrong password, an unknown CA or plaintext on a
 //! TLS port is refused.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -83,10 +82,10 @@ async fn round_trip(kafka: &KafkaArgs) {
     delete_topics(&topics).await;
 }
 
-/// The broker's answer to `kafka`'s readiness probe: an error when it refuses the client.
+/// What the binaries' readiness check says of the broker through `kafka`.
 async fn probe(kafka: &KafkaArgs) -> Result<(), String> {
-    let admin = Arc::new(kafka.admin("kafka-security").unwrap());
-    platform::kafka::ping(admin).await
+    let check = kafka.probe("kafka-security").unwrap();
+    check().await
 }
 
 #[tokio::test]
@@ -126,7 +125,9 @@ async fn sasl_over_tls_carries_records_and_refuses_a_wrong_password() {
     round_trip(&kafka).await;
 
     let wrong = with(settings, "KAFKA_SASL_PASSWORD", "not-the-password");
-    probe(&args(&wrong))
+    let err = probe(&args(&wrong))
         .await
         .expect_err("a wrong SASL password");
+    // /ready names the cause, not only the time-out it leads to.
+    assert!(err.contains("SASL authentication error"), "{err}");
 }

@@ -10,7 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
-use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::Brokers;
 
@@ -166,24 +168,66 @@ impl KafkaArgs {
 }
 
 impl KafkaArgs {
-    /// A readiness check for [`crate::ops::Readiness::check`], with its own admin client.
+    /// A readiness check for [`crate::ops::Readiness::check`], with its own client.
     pub fn probe(
         &self,
         client_id: &str,
     ) -> Result<impl Fn() -> crate::ops::CheckFuture + Send + Sync + 'static, String> {
-        let admin = std::sync::Arc::new(self.admin(client_id)?);
-        Ok(move || Box::pin(ping(admin.clone())) as crate::ops::CheckFuture)
+        let client: BaseProducer<LastError> = self
+            .client_config(client_id)
+            .create_with_context(LastError::default())
+            .map_err(|e| format!("cannot create Kafka client: {e}"))?;
+        let client = std::sync::Arc::new(client);
+        Ok(move || Box::pin(ping(client.clone())) as crate::ops::CheckFuture)
     }
 }
 
-/// Readiness: the cluster answers a metadata request and has at least one broker.
-pub async fn ping(admin: std::sync::Arc<AdminClient<DefaultClientContext>>) -> Result<(), String> {
+/// Remembers the client's errors since the last probe. A refused TLS handshake or SASL
+/// authentication only shows as a metadata time-out; librdkafka names the cause in an error
+/// event (followed by a generic "brokers are down"), delivered when the client is polled.
+#[derive(Default)]
+pub struct LastError(std::sync::Mutex<Vec<String>>);
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        // The same failure repeats with another "(after N ms in state …)" tail.
+        let reason = reason.split(" (after ").next().unwrap_or(reason);
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() < 3 && !seen.iter().any(|s| s == reason) {
+            seen.push(reason.to_string());
+        }
+    }
+}
+
+/// Only so the probe can be a producer, whose poll serves the error events; it sends nothing.
+impl rdkafka::producer::ProducerContext for LastError {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Readiness: the cluster answers a metadata request and has at least one broker. When it
+/// does not, the answer carries the client's errors (e.g. "SASL authentication error").
+pub async fn ping(client: std::sync::Arc<BaseProducer<LastError>>) -> Result<(), String> {
     // librdkafka's metadata call blocks its thread.
     tokio::task::spawn_blocking(move || {
-        let md = admin
-            .inner()
-            .fetch_metadata(None, Duration::from_millis(1500))
-            .map_err(|e| format!("no metadata from Kafka: {e}"))?;
+        let result = client
+            .client()
+            .fetch_metadata(None, Duration::from_millis(1500));
+        // Serves the error events (and log lines) that arrived meanwhile; a poll serves one
+        // event at a time until its deadline, so it gets a moment rather than zero.
+        if result.is_err() {
+            client.poll(Duration::from_millis(100));
+        }
+        let errors =
+            std::mem::take(&mut *client.context().0.lock().unwrap_or_else(|e| e.into_inner()));
+        let md = result.map_err(|e| match errors.is_empty() {
+            true => format!("no metadata from Kafka: {e}"),
+            false => format!(
+                "no metadata from Kafka: {e}; client errors: {}",
+                errors.join("; ")
+            ),
+        })?;
         if md.brokers().is_empty() {
             return Err("Kafka answered with no brokers".to_string());
         }
