@@ -481,12 +481,36 @@ async fn the_slot_advances_while_only_other_tables_write() {
     f.cleanup().await;
 }
 
-fn streaming(metrics: &str) -> Option<i64> {
+/// The value of the relay's first `name{…}` series in a /metrics text.
+fn gauge(metrics: &str, name: &str) -> Option<i64> {
+    let series = format!("{name}{{");
     metrics
         .lines()
-        .find(|l| l.starts_with("kafkify_cdc_relay_source_streaming{"))
+        .find(|l| l.starts_with(&series))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+async fn streaming(relay: &Service) -> Option<i64> {
+    gauge(
+        &relay.get("/metrics").await.1,
+        "kafkify_cdc_relay_source_streaming",
+    )
+}
+
+async fn slot_lag(relay: &Service) -> Option<i64> {
+    gauge(
+        &relay.get("/metrics").await.1,
+        "kafkify_cdc_relay_slot_lag_bytes",
+    )
+}
+
+/// Waits until `relay` holds its slot and streams; panics with `what` at `deadline`.
+async fn wait_streaming(relay: &Service, deadline: Instant, what: &str) {
+    while streaming(relay).await != Some(1) {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -495,14 +519,11 @@ async fn a_standby_relay_takes_over_when_the_first_dies() {
     let first = f.relay().await;
     // The first holds the slot.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while streaming(&first.get("/metrics").await.1) != Some(1) {
-        assert!(Instant::now() < deadline, "first relay never streamed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_streaming(&first, deadline, "first relay never streamed").await;
     let second = f.relay().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        streaming(&second.get("/metrics").await.1),
+        streaming(&second).await,
         Some(0),
         "the standby must not stream"
     );
@@ -513,13 +534,12 @@ async fn a_standby_relay_takes_over_when_the_first_dies() {
         .status()
         .unwrap();
     drop(first);
-    while streaming(&second.get("/metrics").await.1) != Some(1) {
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "no take-over within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_streaming(
+        &second,
+        killed + Duration::from_secs(30),
+        "no take-over within 30 s",
+    )
+    .await;
     let takeover = killed.elapsed();
     eprintln!("take-over after {takeover:?}");
 
@@ -655,14 +675,6 @@ async fn a_multi_event_transaction_is_one_kafka_transaction() {
     f.cleanup().await;
 }
 
-fn slot_lag(metrics: &str) -> Option<i64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with("kafkify_cdc_relay_slot_lag_bytes{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// WAL safety: while the streaming relay is stopped (SIGSTOP: it keeps the slot and confirms
 /// nothing), the standby's `slot_lag_bytes` shows the WAL the slot holds (the alert rules fire
 /// on it: observability/prometheus/alerts.test.yml); once the relay runs again it catches up,
@@ -672,10 +684,7 @@ async fn a_stopped_relay_shows_as_slot_lag_and_catches_up() {
     let f = Fixture::new().await;
     let active = f.relay().await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while streaming(&active.get("/metrics").await.1) != Some(1) {
-        assert!(Instant::now() < deadline, "the relay never streamed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_streaming(&active, deadline, "the relay never streamed").await;
     let standby = f.relay().await;
     let signal = |sig: &str| {
         assert!(std::process::Command::new("kill")
@@ -703,7 +712,7 @@ async fn a_stopped_relay_shows_as_slot_lag_and_catches_up() {
     // The standby polls the lag every 5 s.
     let deadline = Instant::now() + Duration::from_secs(30);
     let held = loop {
-        let lag = slot_lag(&standby.get("/metrics").await.1).unwrap_or(0);
+        let lag = slot_lag(&standby).await.unwrap_or(0);
         if lag > 1 << 20 {
             break lag;
         }
@@ -723,7 +732,7 @@ async fn a_stopped_relay_shows_as_slot_lag_and_catches_up() {
     assert_exactly_once_in_order(&got, &want, &want_ids);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let lag = slot_lag(&standby.get("/metrics").await.1).unwrap_or(i64::MAX);
+        let lag = slot_lag(&standby).await.unwrap_or(i64::MAX);
         if lag < held / 4 {
             break;
         }

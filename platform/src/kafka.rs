@@ -159,7 +159,7 @@ impl KafkaArgs {
             .map_err(|e| format!("KAFKA_SECURITY_PROTOCOL / KAFKA_SSL_* / KAFKA_SASL_*: {e}"))
     }
 
-    /// An admin client, used for metadata (readiness) and topic administration.
+    /// An admin client, for topic administration (readiness has its own client: [`Self::probe`]).
     pub fn admin(&self, client_id: &str) -> Result<AdminClient<DefaultClientContext>, String> {
         self.client_config(client_id)
             .create()
@@ -173,9 +173,9 @@ impl KafkaArgs {
         &self,
         client_id: &str,
     ) -> Result<impl Fn() -> crate::ops::CheckFuture + Send + Sync + 'static, String> {
-        let client: BaseProducer<LastError> = self
+        let client: BaseProducer<ClientErrors> = self
             .client_config(client_id)
-            .create_with_context(LastError::default())
+            .create_with_context(ClientErrors::default())
             .map_err(|e| format!("cannot create Kafka client: {e}"))?;
         let client = std::sync::Arc::new(client);
         Ok(move || Box::pin(ping(client.clone())) as crate::ops::CheckFuture)
@@ -186,9 +186,9 @@ impl KafkaArgs {
 /// authentication only shows as a metadata time-out; librdkafka names the cause in an error
 /// event (followed by a generic "brokers are down"), delivered when the client is polled.
 #[derive(Default)]
-pub struct LastError(std::sync::Mutex<Vec<String>>);
+pub struct ClientErrors(std::sync::Mutex<Vec<String>>);
 
-impl ClientContext for LastError {
+impl ClientContext for ClientErrors {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "Kafka client error");
         // The same failure repeats with another "(after N ms in state …)" tail.
@@ -201,14 +201,14 @@ impl ClientContext for LastError {
 }
 
 /// Only so the probe can be a producer, whose poll serves the error events; it sends nothing.
-impl rdkafka::producer::ProducerContext for LastError {
+impl rdkafka::producer::ProducerContext for ClientErrors {
     type DeliveryOpaque = ();
     fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }
 
 /// Readiness: the cluster answers a metadata request and has at least one broker. When it
 /// does not, the answer carries the client's errors (e.g. "SASL authentication error").
-pub async fn ping(client: std::sync::Arc<BaseProducer<LastError>>) -> Result<(), String> {
+pub async fn ping(client: std::sync::Arc<BaseProducer<ClientErrors>>) -> Result<(), String> {
     // librdkafka's metadata call blocks its thread.
     tokio::task::spawn_blocking(move || {
         let result = client
