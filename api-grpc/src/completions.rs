@@ -1,8 +1,8 @@
 //! Consumes `task.completed` (Avro through the registry, read_committed) and records each
 //! outcome. Offsets are committed only after the database commit, so a crash repeats at most
-//! an already-applied (idempotent) update. A record that cannot be decoded is logged, counted
-//! and passed over: the APIs never produce to Kafka, and blocking the partition on it would
-//! stop every later completion.
+//! an already-applied (idempotent) update. A registry or database outage is waited out, never
+//! skipped. A record that can never be decoded is logged, counted and passed over: the APIs
+//! never produce to Kafka, and blocking the partition on it would stop every later completion.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,34 +111,52 @@ impl Completions {
                 msg = consumer.recv() => {
                     let msg = msg?;
                     let span = platform::kafka::consume_span(&msg);
-                    self.apply(&decoder, msg.payload(), shutdown).instrument(span).await;
-                    // Stored only now: the database already has the outcome.
+                    if !self.apply(&decoder, msg.payload(), shutdown).instrument(span).await {
+                        // Stopped while waiting out an outage: the record is not done, so its
+                        // offset stays where it is and the next owner reads it again.
+                        return Ok(());
+                    }
+                    // Committed only now: the database already has the outcome.
                     consumer.commit_message(&msg, CommitMode::Async)?;
                 }
             }
         }
     }
 
-    /// Decodes and records one event, retrying the database (never skipping) until it answers.
+    /// Decodes and records one event. A registry or database outage is waited out with
+    /// back-off, never skipped; only a record that can never be read is passed over. Returns
+    /// false if `shutdown` came first, when the record is not done and must not be committed.
     async fn apply(
         &self,
         decoder: &AvroDecoder,
         payload: Option<&[u8]>,
         shutdown: &CancellationToken,
-    ) {
-        let event: schemas::TaskCompleted = match decoder.decode(payload).await {
-            Ok(decoded) => match apache_avro::from_value(&decoded.value) {
-                Ok(e) => e,
+    ) -> bool {
+        let mut backoff = Duration::from_millis(200);
+        let value = loop {
+            match platform::registry::read_avro(decoder, payload).await {
+                Ok(value) => break value,
+                Err(e @ platform::registry::ReadError::Outage(_)) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot read a task.completed record; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
                 Err(e) => {
                     self.metrics.count("undecodable");
-                    tracing::error!(error = %e, "task.completed record does not match TaskCompleted; passed over");
-                    return;
+                    tracing::error!(error = %e, "task.completed record cannot be read; passed over");
+                    return true;
                 }
-            },
+            }
+        };
+        let event: schemas::TaskCompleted = match apache_avro::from_value(&value) {
+            Ok(e) => e,
             Err(e) => {
                 self.metrics.count("undecodable");
-                tracing::error!(error = %e, "task.completed record is not Confluent Avro; passed over");
-                return;
+                tracing::error!(error = %e, "task.completed record does not match TaskCompleted; passed over");
+                return true;
             }
         };
         let mut backoff = Duration::from_millis(200);
@@ -148,18 +166,21 @@ impl Completions {
                 .time("complete_task", store::complete(&self.pool, &event))
                 .await
             {
-                Ok(true) => return self.metrics.count("applied"),
+                Ok(true) => {
+                    self.metrics.count("applied");
+                    return true;
+                }
                 Ok(false) => {
                     // Either a duplicate or a task this database never had.
                     let known = matches!(store::get(&self.pool, event.task_id).await, Ok(Some(_)));
-                    return self
-                        .metrics
+                    self.metrics
                         .count(if known { "duplicate" } else { "unknown_task" });
+                    return true;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, task_id = %event.task_id, retry_in = ?backoff, "cannot record a completion; retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return false,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -142,11 +142,19 @@ async fn main() -> anyhow::Result<()> {
     ];
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+    // v1 and v1alpha: grpcurl speaks v1, while Python's grpcio-reflection, older grpcurl, Postman
+    // and Evans still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .context("cannot build the reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("cannot build the reflection service (v1alpha)")?;
 
     // gRPC clients and load balancers see the same verdict as /ready.
     let health_loop = {
@@ -189,7 +197,8 @@ async fn main() -> anyhow::Result<()> {
                 .max_encoding_message_size(config.grpc_max_message_bytes as usize),
             api_grpc::service::authenticate(keys),
         ))
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms per call.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -433,7 +433,8 @@ pub async fn listen(
 ) {
     use futures::StreamExt;
     while !shutdown.is_cancelled() {
-        let connected = url.config.connect(tokio_postgres::NoTls).await;
+        // The pool's TLS settings: with sslmode=require this connection is encrypted too.
+        let connected = url.config.connect(url.tls()).await;
         let (client, mut connection) = match connected {
             Ok(c) => c,
             Err(e) => {

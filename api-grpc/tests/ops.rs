@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use prost::Message as _;
+
 use test_support::service::{check_bad_setting, check_ops_contract, free_port, Service};
 use test_support::{stack, Source, TestDb};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -92,6 +94,60 @@ async fn grpc_health_follows_readiness() {
             "kafkify.task.v1.TaskService"
         ]
     );
+    // The same over v1alpha, which Python's grpcio-reflection, Postman, Evans and older grpcurl
+    // speak; and the descriptor such a client asks for next, to build its requests.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let requests = vec![
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            },
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::FileContainingSymbol(
+                    "kafkify.task.v1.TaskService".into(),
+                )),
+            },
+        ];
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter(requests))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            responses.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("not a service list")
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+                "kafkify.task.v1.TaskService"
+            ]
+        );
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            responses.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no file descriptor for the task service")
+        };
+        let file = prost_types::FileDescriptorProto::decode(&files.file_descriptor_proto[0][..])
+            .expect("a FileDescriptorProto");
+        assert_eq!(file.package(), "kafkify.task.v1");
+        assert!(file.service.iter().any(|s| s.name() == "TaskService"));
+    }
     drop(service);
     db.cleanup().await;
 }

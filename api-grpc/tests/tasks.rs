@@ -35,6 +35,14 @@ impl Fixture {
     }
 
     async fn start_with(extra: &[(&'static str, String)]) -> Fixture {
+        Fixture::start_full(TestDb::owner_dsn, extra).await
+    }
+
+    /// With the `DATABASE_URL` that `dsn` makes of the test database.
+    async fn start_full(
+        dsn: impl Fn(&TestDb) -> String,
+        extra: &[(&'static str, String)],
+    ) -> Fixture {
         let db = TestDb::create(Source::Grpc).await;
         let prefix = format!("{}.", unique("t"));
         let topic = format!("{prefix}task.completed");
@@ -48,7 +56,7 @@ impl Fixture {
             .unwrap();
         let port = free_port();
         let mut env = vec![
-            ("DATABASE_URL", db.owner_dsn()),
+            ("DATABASE_URL", dsn(&db)),
             ("GRPC_ADDR", format!("127.0.0.1:{port}")),
             ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
             ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
@@ -426,6 +434,119 @@ async fn completions_from_kafka_reach_the_task_and_its_watchers() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    f.stop().await;
+}
+
+/// A registry outage while a completion arrives: api-grpc (its schema cache empty, as after a
+/// restart) cannot read the record, waits, and applies it once the registry answers. It once
+/// counted the record undecodable and committed past it, and the task stayed PENDING for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_read_during_a_registry_outage_is_applied_afterwards() {
+    let registry = stack()
+        .schema_registry_url
+        .trim_start_matches("http://")
+        .to_string();
+    let proxy = test_support::OutageProxy::start(registry).await;
+    let mut f =
+        Fixture::start_with(&[("SCHEMA_REGISTRY_URL", format!("http://{}", proxy.addr))]).await;
+    let task = f.process("checksum", r#"{"n": 1}"#, "").await.unwrap();
+
+    proxy.take_down();
+    f.complete(&task.id, "COMPLETED", Some(r#"{"sum": 7}"#), None)
+        .await;
+    // The record is consumed and its schema asked for, again and again: it waits, it is not
+    // passed over (which would ask once and move on).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while proxy
+        .refused()
+        .iter()
+        .filter(|l| l.contains("/schemas/ids/"))
+        .count()
+        < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the schema was not asked for twice during the outage: {:?}",
+            proxy.refused()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        f.get(&task.id).await.unwrap().status,
+        TaskStatus::Pending as i32
+    );
+    let (_, m) = f.service.get("/metrics").await;
+    assert!(
+        !m.contains(r#"outcome="undecodable"} 1"#),
+        "an outage is not an undecodable record:\n{m}"
+    );
+
+    proxy.bring_up();
+    let done = f.wait_status(&task.id, TaskStatus::Completed).await;
+    assert_eq!(done.result.as_deref(), Some(r#"{"sum": 7}"#));
+    f.stop().await;
+}
+
+/// With `sslmode=require`, WatchTask's LISTEN connection is encrypted like the pool's (it once
+/// connected without TLS, failed against such a server and fell back to polling), and a
+/// completion reaches the watcher.
+#[tokio::test]
+async fn watch_task_listens_over_tls_when_the_url_asks() {
+    let mut f = Fixture::start_full(
+        |db| {
+            format!(
+                "{}?sslmode=require&sslrootcert={}",
+                db.owner_dsn(),
+                stack().pg_ca
+            )
+        },
+        &[],
+    )
+    .await;
+    // The listener is a backend of this database that ran LISTEN, over TLS.
+    let admin = stack().admin().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let ssl = loop {
+        let row = admin
+            .query_opt(
+                "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+                  WHERE a.datname = $1 AND a.query ILIKE 'LISTEN %'",
+                &[&f.db.name],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get::<_, bool>(0);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no LISTEN connection after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(ssl, "the LISTEN connection is encrypted");
+
+    let task = f.process("checksum", r#"{"n": 1}"#, "").await.unwrap();
+    let mut watch = f
+        .client
+        .watch_task(pb::WatchTaskRequest {
+            id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        TaskStatus::Pending as i32
+    );
+    f.complete(&task.id, "COMPLETED", Some(r#"{"sum": 1}"#), None)
+        .await;
+    let done = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("watch saw the completion")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Completed as i32);
     f.stop().await;
 }
 

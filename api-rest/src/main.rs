@@ -201,17 +201,19 @@ async fn main() -> anyhow::Result<()> {
                 web::resource("/api/v1/resources")
                     .route(web::post().to(routes::create))
                     .route(web::get().to(routes::list))
+                    .route(web::head().to(routes::head_list))
                     .default_service(web::to(|req: HttpRequest| async move {
-                        routes::method_not_allowed(&req, "GET, POST")
+                        routes::method_not_allowed(&req, "GET, HEAD, POST")
                     })),
             )
             .service(
                 web::resource("/api/v1/resources/{id}")
                     .route(web::get().to(routes::get))
+                    .route(web::head().to(routes::head))
                     .route(web::put().to(routes::replace))
                     .route(web::delete().to(routes::delete))
                     .default_service(web::to(|req: HttpRequest| async move {
-                        routes::method_not_allowed(&req, "GET, PUT, DELETE")
+                        routes::method_not_allowed(&req, "GET, HEAD, PUT, DELETE")
                     })),
             )
             .route("/openapi.json", web::get().to(openapi_json))

@@ -119,33 +119,51 @@ pub enum SortKey {
     Name,
 }
 
-/// The position after the last item of a page. Opaque to clients (base64url JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The position after the last item of a page: that item's id, `updated_at` and name, as
+/// `<id>.<updated_at in microseconds since the epoch>.<name>`. It names a position in both sort
+/// orders, so every string of [`CURSOR_PATTERN`] is a valid cursor for either `sort`: a client
+/// generated from the spec cannot build a well-formed cursor that is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
-    pub sort: SortKey,
-    /// The last item's sort value: a name, or an RFC 3339 time with microseconds.
-    pub after: String,
     pub id: Uuid,
+    pub updated_at: DateTime<Utc>,
+    pub name: String,
 }
+
+/// The cursor's grammar, stated in the OpenAPI document. Sixteen digits of microseconds reach
+/// well past any real `updated_at` (±317 years around 1970) and always make a valid time.
+pub const CURSOR_PATTERN: &str = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.-?[0-9]{1,16}\.[^\x00]{0,200}$";
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        use base64::Engine;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(self).unwrap_or_default())
+        format!(
+            "{}.{}.{}",
+            self.id,
+            self.updated_at.timestamp_micros(),
+            self.name
+        )
     }
 
+    /// Parses exactly [`CURSOR_PATTERN`].
     pub fn decode(text: &str) -> Option<Cursor> {
-        use base64::Engine;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(text)
-            .ok()?;
-        let cursor: Cursor = serde_json::from_slice(&bytes).ok()?;
-        if cursor.sort == SortKey::UpdatedAt && DateTime::parse_from_rfc3339(&cursor.after).is_err()
-        {
+        let (id, rest) = text.split_once('.')?;
+        let (micros, name) = rest.split_once('.')?;
+        let lower_hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c) || c == '-';
+        if id.len() != 36 || !id.chars().all(lower_hex) {
             return None;
         }
-        Some(cursor)
+        let digits = micros.strip_prefix('-').unwrap_or(micros);
+        if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        if name.contains('\0') || name.chars().count() > NAME_MAX {
+            return None;
+        }
+        Some(Cursor {
+            id: Uuid::parse_str(id).ok()?,
+            updated_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            name: name.to_string(),
+        })
     }
 }
 
@@ -172,6 +190,10 @@ impl IfMatch {
         if header == "*" {
             return Some(IfMatch::Any);
         }
+        // `#entity-tag` allows an empty list (RFC 9110 §5.6.1): it matches no version.
+        if header.is_empty() {
+            return Some(IfMatch::Versions(Vec::new()));
+        }
         let mut versions = Vec::new();
         for tag in header.split(',') {
             let tag = tag.trim();
@@ -188,6 +210,25 @@ impl IfMatch {
         }
         Some(IfMatch::Versions(versions))
     }
+}
+
+/// Whether an `If-None-Match` header matches the current version, so a GET may answer 304.
+/// The comparison is weak (RFC 9110 §13.1.2): `W/"3"` matches version 3, and `*` matches any
+/// existing resource. A header that is not a list of entity tags matches nothing, so the
+/// request gets the full answer, as if it had not been sent.
+pub fn none_match(header: &str, version: i64) -> bool {
+    let header = header.trim();
+    if header == "*" {
+        return true;
+    }
+    header.split(',').any(|tag| {
+        let tag = tag.trim();
+        let tag = tag.strip_prefix("W/").unwrap_or(tag);
+        tag.strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .and_then(|t| t.parse::<i64>().ok())
+            == Some(version)
+    })
 }
 
 /// An `Idempotency-Key`: 1–255 visible ASCII characters.
@@ -239,24 +280,47 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
         let c = Cursor {
-            sort: SortKey::Name,
-            after: "b".into(),
             id: Uuid::from_u128(1),
+            updated_at: DateTime::from_timestamp_micros(1_764_633_600_123_456).unwrap(),
+            name: "b.c with dots".into(),
         };
+        assert_eq!(
+            c.encode(),
+            "00000000-0000-0000-0000-000000000001.1764633600123456.b.c with dots"
+        );
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
-        assert_eq!(Cursor::decode("!!"), None);
-        assert_eq!(Cursor::decode("e30"), None); // {}
-        let bad_time = Cursor {
-            sort: SortKey::UpdatedAt,
-            after: "yesterday".into(),
-            id: Uuid::nil(),
-        };
-        assert_eq!(Cursor::decode(&bad_time.encode()), None);
+        let ok = "00000000-0000-0000-0000-00000000000a.-12.";
+        assert_eq!(Cursor::decode(ok).map(|c| c.name), Some(String::new()));
+        for bad in [
+            "!!",
+            "e30",
+            "00000000-0000-0000-0000-00000000000A.1.x", // upper-case hex is not the grammar
+            "00000000-0000-0000-0000-000000000001..x",
+            "00000000-0000-0000-0000-000000000001.12345678901234567.x",
+            "00000000-0000-0000-0000-000000000001.1x.y",
+            "00000000-0000-0000-0000-000000000001.1.a\0b",
+            "0000000-00000-0000-0000-000000000001.1.x",
+        ] {
+            assert_eq!(Cursor::decode(bad), None, "{bad}");
+        }
+        let long = format!("00000000-0000-0000-0000-000000000001.1.{}", "n".repeat(201));
+        assert_eq!(Cursor::decode(&long), None);
     }
 
     #[test]
     fn if_match() {
+        assert!(none_match("\"3\"", 3));
+        assert!(none_match("W/\"3\"", 3), "If-None-Match compares weakly");
+        assert!(none_match("\"1\", W/\"3\"", 3));
+        assert!(none_match(" * ", 7));
+        assert!(!none_match("\"2\"", 3));
+        assert!(!none_match("3", 3), "an unquoted tag is no tag");
+        assert!(!none_match("", 3));
+        assert!(!none_match("null", 3));
+        assert!(!none_match("\"9\", *", 3), "* only stands alone");
         assert_eq!(IfMatch::parse("*"), Some(IfMatch::Any));
+        assert_eq!(IfMatch::parse(" "), Some(IfMatch::Versions(vec![])));
+        assert_eq!(IfMatch::parse("null"), None);
         assert_eq!(IfMatch::parse("\"3\""), Some(IfMatch::Versions(vec![3])));
         assert_eq!(IfMatch::parse("W/\"3\""), Some(IfMatch::Versions(vec![-1])));
         assert_eq!(

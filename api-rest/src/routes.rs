@@ -257,7 +257,7 @@ pub async fn create(
     get, path = "/api/v1/resources", tag = "resources",
     params(
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "1–200, default 50"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page: <id>.<updated_at in µs>.<name> of its last item, valid for either sort (pattern in the document)"),
         ("sort" = Option<SortKey>, Query, description = "updated_at (default) or name; ties broken by id"),
         ("name_prefix" = Option<String>, Query, description = "only names starting with this"),
         ("updated_after" = Option<String>, Query, description = "only resources updated after this RFC 3339 time"),
@@ -278,6 +278,29 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         items,
         next_cursor: next.map(|c| c.encode()),
     }))
+}
+
+/// The list's answer without its body.
+#[utoipa::path(
+    head, path = "/api/v1/resources", tag = "resources", operation_id = "head_resources",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 200, description = "as for GET"),
+        ("cursor" = Option<String>, Query, description = "as for GET"),
+        ("sort" = Option<SortKey>, Query, description = "as for GET"),
+        ("name_prefix" = Option<String>, Query, description = "as for GET"),
+        ("updated_after" = Option<String>, Query, description = "as for GET"),
+    ),
+    responses(
+        (status = 200, description = "The page exists"),
+        (status = 400, description = "Malformed query string"),
+        (status = 422, description = "Invalid parameters"),
+    )
+)]
+pub async fn head_list(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    list(req, state).await
 }
 
 fn list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
@@ -311,18 +334,11 @@ fn list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
     let cursor = match params.get("cursor") {
         None => None,
         Some(c) => match Cursor::decode(c) {
-            Some(c) if c.sort == sort => Some(c),
-            Some(_) => {
-                errors.push(FieldError::new(
-                    "cursor",
-                    "belongs to a different sort order",
-                ));
-                None
-            }
+            Some(c) => Some(c),
             None => {
                 errors.push(FieldError::new(
                     "cursor",
-                    "is not a cursor this API returned",
+                    "must be <id>.<microseconds>.<name>, as next_cursor returns it",
                 ));
                 None
             }
@@ -364,22 +380,58 @@ fn list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
     })
 }
 
-/// Get one resource.
+/// Get one resource. `If-None-Match` with its current ETag answers 304, without a body.
 #[utoipa::path(
     get, path = "/api/v1/resources/{id}", tag = "resources",
-    params(("id" = Uuid, Path)),
+    params(
+        ("id" = Uuid, Path),
+        ("If-None-Match" = Option<String>, Header, description = "ETag(s) the client holds, or *: 304 if one is current (weak comparison); anything else is ignored"),
+    ),
     responses(
         (status = 200, description = "The resource", body = Resource, headers(("ETag" = String))),
+        (status = 304, description = "The client's copy is current", headers(("ETag" = String))),
         (status = 404, description = "No such resource", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn get(
+    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = resource_id(&path)?;
     let r = timed(&state, "get", store::get(&state.pool, id)).await?;
+    let current = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|h| model::none_match(h, r.version));
+    if current {
+        return Ok(HttpResponse::NotModified()
+            .insert_header((header::ETAG, model::etag(r.version)))
+            .finish());
+    }
     Ok(with_resource(HttpResponse::Ok(), &r))
+}
+
+/// GET's answer without its body (actix-web sends a HEAD response's headers only).
+#[utoipa::path(
+    head, path = "/api/v1/resources/{id}", tag = "resources", operation_id = "head_resource",
+    params(
+        ("id" = Uuid, Path),
+        ("If-None-Match" = Option<String>, Header, description = "as for GET"),
+    ),
+    responses(
+        (status = 200, description = "The resource exists", headers(("ETag" = String))),
+        (status = 304, description = "The client's copy is current", headers(("ETag" = String))),
+        (status = 404, description = "No such resource"),
+    )
+)]
+pub async fn head(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    get(req, path, state).await
 }
 
 /// Replace a resource (and publish `resource.updated`). `If-Match` makes it conditional.
@@ -388,7 +440,7 @@ pub async fn get(
     request_body(content = ResourceInput, content_type = "application/json"),
     params(
         ("id" = Uuid, Path),
-        ("If-Match" = Option<String>, Header, pattern = r#"^\s*(\*|(W/)?"[^",]*"(\s*,\s*(W/)?"[^",]*")*)\s*$"#, description = "ETag(s) the current version must match, or *"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^\s*(\*|((W/)?"[^",]*"(\s*,\s*(W/)?"[^",]*")*)?)\s*$"#, description = "ETag(s) the current version must match, or *; an empty list matches nothing (412)"),
     ),
     responses(
         (status = 200, description = "Replaced", body = Resource, headers(("ETag" = String))),
@@ -424,7 +476,7 @@ pub async fn replace(
     delete, path = "/api/v1/resources/{id}", tag = "resources",
     params(
         ("id" = Uuid, Path),
-        ("If-Match" = Option<String>, Header, pattern = r#"^\s*(\*|(W/)?"[^",]*"(\s*,\s*(W/)?"[^",]*")*)\s*$"#, description = "ETag(s) the current version must match, or *"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^\s*(\*|((W/)?"[^",]*"(\s*,\s*(W/)?"[^",]*")*)?)\s*$"#, description = "ETag(s) the current version must match, or *; an empty list matches nothing (412)"),
     ),
     responses(
         (status = 204, description = "Deleted"),
@@ -490,17 +542,16 @@ mod tests {
         };
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["colour", "limit", "sort", "updated_after"]);
+        // A cursor names a position in both orders.
         let c = Cursor {
-            sort: SortKey::Name,
-            after: "a".into(),
             id: Uuid::nil(),
+            updated_at: Utc::now(),
+            name: "a".into(),
         }
         .encode();
-        assert!(
-            list_query(&params(&[("cursor", &c)])).is_err(),
-            "name cursor on updated_at sort"
-        );
+        assert!(list_query(&params(&[("cursor", &c)])).is_ok());
         assert!(list_query(&params(&[("cursor", &c), ("sort", "name")])).is_ok());
+        assert!(list_query(&params(&[("cursor", "")])).is_err());
     }
 
     #[test]

@@ -221,12 +221,7 @@ pub async fn list(pool: &Pool, q: &ListQuery) -> Result<(Vec<Resource>, Option<C
     );
     let stmt = client.prepare_cached(&sql).await?;
     let (after_id, after_name, after_time) = match &q.cursor {
-        Some(c) => {
-            let time = DateTime::parse_from_rfc3339(&c.after)
-                .ok()
-                .map(|t| t.with_timezone(&Utc));
-            (Some(c.id), Some(c.after.clone()), time)
-        }
+        Some(c) => (Some(c.id), Some(c.name.clone()), Some(c.updated_at)),
         None => (None, None, None),
     };
     let fetch = q.limit + 1;
@@ -264,14 +259,9 @@ pub async fn list(pool: &Pool, q: &ListQuery) -> Result<(Vec<Resource>, Option<C
     let next = if items.len() as i64 > q.limit {
         items.truncate(q.limit as usize);
         items.last().map(|last| Cursor {
-            sort: q.sort,
-            after: match q.sort {
-                SortKey::UpdatedAt => last
-                    .updated_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                SortKey::Name => last.name.clone(),
-            },
             id: last.id,
+            updated_at: last.updated_at,
+            name: last.name.clone(),
         })
     } else {
         None

@@ -390,7 +390,7 @@ async fn bad_requests_get_the_right_status_and_change_nothing() {
         .await;
     assert_problem(s, &h, &b, 405);
     assert_eq!(
-        h["allow"], "GET, POST",
+        h["allow"], "GET, HEAD, POST",
         "RFC 9110: a 405 lists the allowed methods"
     );
     let (s, h, b) = api.send(Method::GET, "/api/v2/nothing", None, &[]).await;
@@ -482,7 +482,11 @@ async fn listing_pages_through_everything_once_in_stable_order() {
     let api = Api::start().await;
     let mut names = Vec::new();
     for i in 0..23 {
-        let name = format!("{}-{i:02}", if i % 2 == 0 { "even" } else { "odd" });
+        // Dots, &, % and non-ASCII: the cursor carries the last name, in any query string.
+        let name = format!(
+            "{}-{i:02} a.b&c %20 ü",
+            if i % 2 == 0 { "even" } else { "odd" }
+        );
         api.create(json!({ "name": name })).await;
         names.push(name);
     }
@@ -493,7 +497,7 @@ async fn listing_pages_through_everything_once_in_stable_order() {
         loop {
             let mut q = format!("/api/v1/resources?limit=5&sort={sort}");
             if let Some(c) = &cursor {
-                q.push_str(&format!("&cursor={c}"));
+                q.push_str(&format!("&cursor={}", percent_encode(c)));
             }
             let (s, _, page) = api.send(Method::GET, &q, None, &[]).await;
             assert_eq!(s, 200, "{page}");
@@ -571,6 +575,78 @@ async fn listing_pages_through_everything_once_in_stable_order() {
 }
 
 #[tokio::test]
+async fn head_and_conditional_get_follow_rfc_9110() {
+    let api = Api::start().await;
+    let created = api.create(json!({"name": "cached"})).await;
+    let path = format!("/api/v1/resources/{}", created["id"].as_str().unwrap());
+
+    let (s, h, body) = api.send(Method::GET, &path, None, &[]).await;
+    assert_eq!(s, 200);
+    let etag = h["etag"].to_str().unwrap().to_string();
+    let length = h["content-length"].to_str().unwrap().to_string();
+    assert_ne!(body, Value::Null);
+
+    // HEAD: GET's status and headers, no body.
+    let (s, h, body) = api.send(Method::HEAD, &path, None, &[]).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["etag"], etag.as_str());
+    assert_eq!(
+        h["content-length"],
+        length.as_str(),
+        "HEAD announces GET's length"
+    );
+    assert_eq!(body, Value::Null, "HEAD has no body");
+    let (s, _, body) = api
+        .send(Method::HEAD, "/api/v1/resources?limit=1", None, &[])
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(body, Value::Null);
+    let missing = format!("/api/v1/resources/{}", Uuid::now_v7());
+    let (s, _, body) = api.send(Method::HEAD, &missing, None, &[]).await;
+    assert_eq!(s, 404);
+    assert_eq!(body, Value::Null);
+
+    // If-None-Match: 304 with the ETag and no body while it is current, weak or strong, or *.
+    for tag in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"999\", {etag}"),
+        "*".to_string(),
+    ] {
+        let tag = tag.as_str();
+        for method in [Method::GET, Method::HEAD] {
+            let (s, h, body) = api
+                .send(method.clone(), &path, None, &[("if-none-match", tag)])
+                .await;
+            assert_eq!(s, 304, "{method} If-None-Match: {tag}");
+            assert_eq!(h["etag"], etag.as_str());
+            assert_eq!(body, Value::Null);
+        }
+    }
+    // Another version, or a header that is no ETag list (`*` only stands alone), gets the
+    // full answer.
+    for tag in ["\"999\"", "null", "", "\"999\", *"] {
+        let (s, _, body) = api
+            .send(Method::GET, &path, None, &[("if-none-match", tag)])
+            .await;
+        assert_eq!(s, 200, "If-None-Match: {tag:?}");
+        assert_eq!(body["name"], "cached");
+    }
+    // After a replace the old ETag is stale.
+    let (s, _, _) = api
+        .send(Method::PUT, &path, Some(json!({"name": "changed"})), &[])
+        .await;
+    assert_eq!(s, 200);
+    let (s, h, body) = api
+        .send(Method::GET, &path, None, &[("if-none-match", &etag)])
+        .await;
+    assert_eq!(s, 200);
+    assert_ne!(h["etag"], etag.as_str());
+    assert_eq!(body["name"], "changed");
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn openapi_document_describes_the_routes() {
     let api = Api::start().await;
     let (s, _, doc) = api.send(Method::GET, "/openapi.json", None, &[]).await;
@@ -582,8 +658,11 @@ async fn openapi_document_describes_the_routes() {
         ["/api/v1/resources", "/api/v1/resources/{id}"]
     );
     for (path, methods) in [
-        ("/api/v1/resources", vec!["get", "post"]),
-        ("/api/v1/resources/{id}", vec!["delete", "get", "put"]),
+        ("/api/v1/resources", vec!["get", "head", "post"]),
+        (
+            "/api/v1/resources/{id}",
+            vec!["delete", "get", "head", "put"],
+        ),
     ] {
         let mut got: Vec<&String> = paths[path]
             .as_object()
@@ -691,4 +770,17 @@ async fn the_api_needs_a_key_and_the_ops_paths_do_not() {
         metrics.contains(r#"status="401""#),
         "refusals are counted: {metrics}"
     );
+}
+
+/// A query parameter value, percent-encoded (a cursor carries a name, which may hold anything).
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -24,6 +24,20 @@ pub fn dlq_topic(topic: &str) -> String {
     format!("{topic}.dlq")
 }
 
+/// The schema id of a Confluent-framed record (magic byte 0, then the id in 4 big-endian
+/// bytes), checked before a registry is asked anything; the error says what is wrong.
+pub fn confluent_schema_id(payload: Option<&[u8]>) -> Result<u32, String> {
+    match payload {
+        None => Err("empty record".into()),
+        Some(b) if b.len() < 5 => Err(format!(
+            "{} bytes is shorter than the 5-byte header",
+            b.len()
+        )),
+        Some(b) if b[0] != 0 => Err(format!("magic byte is {}, not 0", b[0])),
+        Some(b) => Ok(u32::from_be_bytes([b[1], b[2], b[3], b[4]])),
+    }
+}
+
 /// The schema registry subject of a topic's values (TopicNameStrategy).
 pub fn value_subject(topic: &str) -> String {
     format!("{topic}-value")

@@ -441,3 +441,92 @@ pub fn grpc_auth(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, toni
 pub fn with_key(channel: tonic::transport::Channel) -> AuthChannel {
     tonic::service::interceptor::InterceptedService::new(channel, grpc_auth as fn(_) -> _)
 }
+
+/// A TCP proxy in front of a real server that a test can take down and bring back: an outage
+/// of that server as its clients see it, without stopping the server other tests share. While
+/// down, every connection, open or new, is closed at once.
+pub struct OutageProxy {
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped on every take-down, so open connections notice and close.
+    epoch: tokio::sync::watch::Sender<u64>,
+    refused: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl OutageProxy {
+    /// Starts up, forwarding to `target` (host:port).
+    pub async fn start(target: String) -> OutageProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (epoch, _) = tokio::sync::watch::channel(0u64);
+        let refused = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = {
+            let (up, epoch, refused) = (up.clone(), epoch.clone(), refused.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        // Closed without an answer; its first line (an HTTP request line, for
+                        // an HTTP client) is kept, so a test can see who tried what.
+                        let refused = refused.clone();
+                        tokio::spawn(async move {
+                            use tokio::io::AsyncReadExt;
+                            let mut buf = [0u8; 512];
+                            let read = tokio::time::timeout(
+                                std::time::Duration::from_secs(1),
+                                inbound.read(&mut buf),
+                            );
+                            if let Ok(Ok(n)) = read.await {
+                                let text = String::from_utf8_lossy(&buf[..n]);
+                                let line = text.lines().next().unwrap_or_default().to_string();
+                                refused.lock().unwrap().push(line);
+                            }
+                        });
+                        continue;
+                    }
+                    let target = target.clone();
+                    let mut down = epoch.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = down.changed() => {}
+                        }
+                    });
+                }
+            })
+        };
+        OutageProxy {
+            addr,
+            up,
+            epoch,
+            refused,
+            accept,
+        }
+    }
+
+    /// The first line of every connection refused while down, oldest first.
+    pub fn refused(&self) -> Vec<String> {
+        self.refused.lock().unwrap().clone()
+    }
+
+    /// Closes every open connection and refuses new ones until [`OutageProxy::bring_up`].
+    pub fn take_down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    pub fn bring_up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for OutageProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}

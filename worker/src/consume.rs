@@ -342,31 +342,17 @@ impl Lane {
 
     /// `Ok(Err(poison))` for a record to dead-letter, `Err` for a transient failure.
     async fn decode(&self, msg: &OwnedMessage) -> Result<Result<Decoded, Poison>, Retry> {
-        let id = match decode::schema_id(msg.payload()) {
-            Ok(id) => id,
-            Err(p) => return Ok(Err(p)),
-        };
-        let detail = |e: &schema_registry_converter::error::SRCError| match &e.cause {
-            Some(c) => format!("{}: {c}", e.error),
-            None => e.error.clone(),
-        };
-        // The schema first (cached after the first record): a registry that does not answer is
-        // transient, one that does not know the id is poison.
-        if let Err(e) = self.decoder.get_schema(id).await {
-            return if e.retriable {
-                Err(Retry(format!("schema registry: {}", detail(&e))))
-            } else {
-                Ok(Err(Poison::UnknownSchema(format!("{id}: {}", detail(&e)))))
-            };
-        }
+        use platform::registry::ReadError;
         let event_type = msg
             .topic()
             .strip_prefix(self.worker.topic_prefix.as_str())
             .unwrap_or(msg.topic());
-        match self.decoder.decode(msg.payload()).await {
-            Ok(d) => Ok(decode::event(event_type, &d.value)),
-            Err(e) if e.retriable => Err(Retry(format!("schema registry: {}", detail(&e)))),
-            Err(e) => Ok(Err(Poison::Body(detail(&e)))),
+        match platform::registry::read_avro(&self.decoder, msg.payload()).await {
+            Ok(value) => Ok(decode::event(event_type, &value)),
+            Err(e @ ReadError::Outage(_)) => Err(Retry(e.to_string())),
+            Err(ReadError::Framing(m)) => Ok(Err(Poison::Framing(m))),
+            Err(ReadError::UnknownSchema(m)) => Ok(Err(Poison::UnknownSchema(m))),
+            Err(ReadError::Body(m)) => Ok(Err(Poison::Body(m))),
         }
     }
 

@@ -78,15 +78,7 @@ pub fn limit_avro_allocations() {
 /// Checks the Confluent framing (magic byte 0 and a 4-byte schema id) before the registry is
 /// asked anything; returns the schema id.
 pub fn schema_id(payload: Option<&[u8]>) -> Result<u32, Poison> {
-    match payload {
-        None => Err(Poison::Framing("empty record".into())),
-        Some(b) if b.len() < 5 => Err(Poison::Framing(format!(
-            "{} bytes is shorter than the 5-byte header",
-            b.len()
-        ))),
-        Some(b) if b[0] != 0 => Err(Poison::Framing(format!("magic byte is {}, not 0", b[0]))),
-        Some(b) => Ok(u32::from_be_bytes([b[1], b[2], b[3], b[4]])),
-    }
+    schemas::confluent_schema_id(payload).map_err(Poison::Framing)
 }
 
 /// Turns a decoded Avro value into the event of `event_type` and checks its domain rules.
