@@ -228,7 +228,7 @@ pub struct Origin {
     pub commit_ts_micros: i64,
 }
 
-/// The headers DESIGN.md fixes: `event_id`, `event_type`, `traceparent` (when the writer had
+/// The headers of the outbox contract (docs/ARCHITECTURE.md): `event_id`, `event_type`, `traceparent` (when the writer had
 /// one), `source_lsn`, `commit_ts`.
 pub fn headers(event: &OutboxEvent, origin: Origin) -> Vec<(&'static str, String)> {
     let mut h = vec![

@@ -1,6 +1,6 @@
 //! One source's replication session: slot → decode → encode → Kafka → acknowledge.
 //!
-//! The contract (DESIGN.md "Delivery guarantees"):
+//! The contract (docs/ARCHITECTURE.md, "Exactly-once into Kafka"):
 //! - a WAL position is acknowledged to Postgres only after Kafka has committed every event
 //!   before it, so nothing committed is ever lost;
 //! - exactly-once: each batch of whole Postgres transactions is one Kafka transaction with the

@@ -315,7 +315,7 @@ async fn concurrent_transactions_arrive_exactly_once_in_key_order() {
         "a rolled-back event was published"
     );
 
-    // Headers and key as DESIGN.md fixes them.
+    // Headers and key as the outbox contract (docs/ARCHITECTURE.md) fixes them.
     let r = &got[0];
     assert_eq!(r.headers["event_type"], "resource.created");
     assert!(r.headers["source_lsn"].contains('/'), "{:?}", r.headers);
