@@ -100,6 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let consumer_metrics = ConsumerMetrics::register(&mut registry);
     let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
     let pruner = platform::outbox::Pruner::register(&mut registry);
+    let notifications = prometheus_client::metrics::counter::Counter::default();
+    registry.register(
+        "task_notifications",
+        "Task-change NOTIFYs received by this replica's listener (WatchTask)",
+        notifications.clone(),
+    );
     let registry = Arc::new(registry);
     let pool = platform::db::pool(&config.db)?;
     let readiness = Readiness::new()
@@ -130,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(api_grpc::service::listen(
             config.db.database_url.clone(),
             changes,
+            notifications,
             shutdown.clone(),
         )),
         tokio::spawn(pool_metrics.sample_every(pool.clone(), shutdown.clone())),

@@ -425,10 +425,12 @@ impl pb::task_service_server::TaskService for TaskService {
 }
 
 /// Forwards NOTIFYs on [`store::NOTIFY_CHANNEL`] to `changes`, reconnecting when the
-/// connection drops, until `shutdown`.
+/// connection drops, until `shutdown`. Counts each one in `received`: watchers also poll every
+/// second as a safety net, so only this counter shows that notifications arrive at all.
 pub async fn listen(
     url: platform::db::PgUrl,
     changes: broadcast::Sender<Uuid>,
+    received: prometheus_client::metrics::counter::Counter,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use futures::StreamExt;
@@ -459,6 +461,7 @@ pub async fn listen(
                 }
                 m = messages.next() => match m {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                        received.inc();
                         if let Ok(id) = Uuid::parse_str(n.payload()) {
                             let _ = changes.send(id);
                         }

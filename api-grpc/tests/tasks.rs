@@ -547,6 +547,25 @@ async fn watch_task_listens_over_tls_when_the_url_asks() {
         .unwrap()
         .unwrap();
     assert_eq!(done.status, TaskStatus::Completed as i32);
+    // A NOTIFY came over that connection (watchers also poll every second, so the watch alone
+    // does not show it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = f.service.get("/metrics").await;
+        let received: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("kafkify_api_grpc_task_notifications_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no notification counter:\n{m}"));
+        if received >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no NOTIFY received:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     f.stop().await;
 }
 
