@@ -138,11 +138,9 @@ impl Completions {
                 Ok(value) => break value,
                 Err(e @ platform::registry::ReadError::Outage(_)) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot read a task.completed record; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !back_off(&mut backoff, shutdown).await {
+                        return false;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => {
                     self.metrics.count("undecodable");
@@ -179,13 +177,21 @@ impl Completions {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, task_id = %event.task_id, retry_in = ?backoff, "cannot record a completion; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !back_off(&mut backoff, shutdown).await {
+                        return false;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
     }
+}
+
+/// Waits `backoff`, then doubles it (at most 10 s); false if `shutdown` came first.
+async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        _ = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    true
 }

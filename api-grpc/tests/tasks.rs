@@ -157,6 +157,15 @@ impl Fixture {
             .unwrap();
     }
 
+    /// WatchTask on `id`, which must exist.
+    async fn watch(&mut self, id: &str) -> tonic::Streaming<pb::Task> {
+        self.client
+            .watch_task(pb::WatchTaskRequest { id: id.to_string() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     async fn wait_status(&mut self, id: &str, want: TaskStatus) -> pb::Task {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -358,14 +367,7 @@ async fn every_rpc_and_error_code() {
 async fn completions_from_kafka_reach_the_task_and_its_watchers() {
     let mut f = Fixture::start().await;
     let task = f.process("checksum", r#"{"n": 1}"#, "").await.unwrap();
-    let mut watch = f
-        .client
-        .watch_task(pb::WatchTaskRequest {
-            id: task.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = f.watch(&task.id).await;
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, TaskStatus::Pending as i32);
 
@@ -413,14 +415,7 @@ async fn completions_from_kafka_reach_the_task_and_its_watchers() {
     );
 
     // Watching a finished task yields it once and ends.
-    let mut watch = f
-        .client
-        .watch_task(pb::WatchTaskRequest {
-            id: failing.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = f.watch(&failing.id).await;
     assert_eq!(
         watch.message().await.unwrap().unwrap().status,
         TaskStatus::Failed as i32
@@ -527,14 +522,7 @@ async fn watch_task_listens_over_tls_when_the_url_asks() {
     assert!(ssl, "the LISTEN connection is encrypted");
 
     let task = f.process("checksum", r#"{"n": 1}"#, "").await.unwrap();
-    let mut watch = f
-        .client
-        .watch_task(pb::WatchTaskRequest {
-            id: task.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = f.watch(&task.id).await;
     assert_eq!(
         watch.message().await.unwrap().unwrap().status,
         TaskStatus::Pending as i32
