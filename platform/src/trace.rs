@@ -89,6 +89,7 @@ pub fn db_span(operation: &'static str, table: &'static str) -> tracing::Span {
         db.system.name = "postgresql",
         db.operation.name = operation,
         db.collection.name = table,
+        db.operation.batch.size = tracing::field::Empty,
     )
 }
 

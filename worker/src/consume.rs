@@ -2,17 +2,21 @@
 //!
 //! - Order: a partition's records go, in order, to its own lane (a task), so partitions run in
 //!   parallel and each stays in order.
-//! - Back-pressure: lanes have bounded queues; a full lane stops the reader, and librdkafka's
-//!   own prefetch is capped, so memory stays bounded.
-//! - Exactly one effect: an offset is stored for commit only after the database commit (or the
-//!   dead-letter write) of its record; a redelivery after a crash or a rebalance finds the
-//!   event id already recorded and changes nothing.
+//! - Batches: a lane writes whatever it holds, up to `batch_size` records, in one database
+//!   transaction; a lone record is written at once, never held back for a batch to fill.
+//! - Back-pressure per partition: a lane holding `lane_capacity` records pauses fetching its
+//!   own partition and resumes it at half; the reader never waits, so a backlog on one topic
+//!   does not delay another's records. librdkafka's own prefetch is capped, so memory stays
+//!   bounded.
+//! - Exactly one effect: a batch's offset is stored for commit only after its database commit
+//!   and its dead-letter acks; a redelivery after a crash or a rebalance finds the event ids
+//!   already recorded and changes nothing.
 //! - Poison (bad framing, unknown schema id, undecodable body, broken domain rules) goes to
 //!   `<topic>.dlq` with the reason and origin in headers, and the lane moves on. A database or
 //!   registry outage is transient: the lane retries with back-off and never dead-letters.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -24,7 +28,7 @@ use prometheus_client::registry::Registry;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
+use rdkafka::{Message, TopicPartitionList};
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use tokio::sync::mpsc;
@@ -32,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::decode::{self, Decoded, Poison};
-use crate::store::{self, Origin};
+use crate::flow::{Fetch, Gate};
+use crate::store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -57,6 +62,7 @@ pub struct Metrics {
     processed: Family<OutcomeLabels, Counter>,
     duration: Family<TopicLabel, Histogram>,
     dead_lettered: Family<DlqLabels, Counter>,
+    batch_records: Histogram,
     lag: platform::kafka::LagGauge,
     db: platform::db::QueryMetrics,
 }
@@ -69,6 +75,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
             }),
             dead_lettered: Family::default(),
+            batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             db: platform::db::QueryMetrics::register(registry),
             lag: Family::default(),
         };
@@ -88,6 +95,11 @@ impl Metrics {
             m.dead_lettered.clone(),
         );
         registry.register(
+            "batch_records",
+            "Records handled per batch (one database transaction per partition and batch)",
+            m.batch_records.clone(),
+        );
+        registry.register(
             "consumer_lag",
             "Records behind the end of each assigned partition",
             m.lag.clone(),
@@ -103,7 +115,10 @@ pub struct Worker {
     pub topic_prefix: String,
     pub registry_url: String,
     pub task_iterations: u32,
+    /// Records a partition's lane may hold before its partition is paused.
     pub lane_capacity: usize,
+    /// The most records one database transaction holds.
+    pub batch_size: usize,
     pub metrics: Metrics,
 }
 
@@ -162,7 +177,7 @@ impl Worker {
             .create()?;
         let decoder = Arc::new(AvroDecoder::new(SrSettings::new(self.registry_url.clone())));
 
-        let mut lanes: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
+        let mut lanes: HashMap<(String, i32), LaneHandle> = HashMap::new();
         let mut handles = Vec::new();
         let lanes_done = CancellationToken::new();
         let lag = platform::kafka::LagSampler::new(&self.kafka, self.metrics.lag.clone())?;
@@ -179,19 +194,29 @@ impl Worker {
                     };
                     let key = (msg.topic().to_string(), msg.partition());
                     let lane = lanes.entry(key).or_insert_with(|| {
-                        let (tx, rx) = mpsc::channel(self.lane_capacity);
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        let gate = Arc::new(Mutex::new(Gate::new(self.lane_capacity)));
                         let lane = Lane {
                             worker: self.clone(),
                             consumer: consumer.clone(),
                             producer: producer.clone(),
                             decoder: decoder.clone(),
+                            gate: gate.clone(),
+                            topic: msg.topic().to_string(),
+                            partition: msg.partition(),
                             stop: lanes_done.clone(),
                         };
                         handles.push(tokio::spawn(lane.run(rx)));
-                        tx
+                        LaneHandle { tx, gate }
                     });
-                    // A full lane holds the reader here: back-pressure instead of buffering.
-                    if lane.send(msg).await.is_err() {
+                    // The reader never waits on a lane: a full lane pauses its own partition
+                    // (docs/ARCHITECTURE.md, "worker"), and the others keep flowing.
+                    let mut gate = lane.gate.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(f) = gate.handed() {
+                        apply(&consumer, msg.topic(), msg.partition(), f);
+                    }
+                    drop(gate);
+                    if lane.tx.send(msg).is_err() {
                         break Err(anyhow::anyhow!("a partition lane ended"));
                     }
                 }
@@ -210,56 +235,176 @@ impl Worker {
     }
 }
 
-/// One partition's records, in order.
+/// The reader's side of a lane.
+struct LaneHandle {
+    tx: mpsc::UnboundedSender<OwnedMessage>,
+    gate: Arc<Mutex<Gate>>,
+}
+
+/// Pauses or resumes fetching one partition. Called with the lane's gate locked, so decisions
+/// reach librdkafka in the order they were taken. A partition revoked meanwhile refuses; its
+/// next owner starts unpaused.
+fn apply(consumer: &StreamConsumer, topic: &str, partition: i32, fetch: Fetch) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let done = match fetch {
+        Fetch::Pause => consumer.pause(&tpl),
+        Fetch::Resume => consumer.resume(&tpl),
+    };
+    match done {
+        Ok(()) => tracing::debug!(topic, partition, ?fetch, "partition fetching"),
+        Err(e) => tracing::debug!(error = %e, topic, partition, ?fetch, "partition not assigned"),
+    }
+}
+
+/// One partition's records, in order, in batches.
 struct Lane {
     worker: Arc<Worker>,
     consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
     decoder: Arc<AvroDecoder>,
+    gate: Arc<Mutex<Gate>>,
+    topic: String,
+    partition: i32,
     /// Cancelled when the session failed: retries stop, nothing more is stored.
     stop: CancellationToken,
 }
 
+/// A record ready to store, or poison to dead-letter.
+// Nearly every record is `Store`: boxing it would allocate per record to shrink the rare poison.
+#[allow(clippy::large_enum_variant)]
+enum Prepared<'a> {
+    Store(store::Row<'a>),
+    Poison(Poison),
+}
+
 impl Lane {
-    async fn run(self, mut rx: mpsc::Receiver<OwnedMessage>) {
-        while let Some(msg) = rx.recv().await {
-            let started = Instant::now();
-            let Some(outcome) = self.process(&msg).await else {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<OwnedMessage>) {
+        let mut batch = Vec::with_capacity(self.worker.batch_size);
+        // A batch is whatever is queued, up to the limit: a lone record goes at once, and under
+        // load the records that arrive during one commit form the next batch.
+        while rx.recv_many(&mut batch, self.worker.batch_size).await > 0 {
+            if !self.handle(&batch).await {
                 return;
-            };
-            let topic = msg.topic().to_string();
-            self.worker
-                .metrics
-                .processed
-                .get_or_create(&OutcomeLabels {
-                    topic: topic.clone(),
-                    outcome,
-                })
-                .inc();
-            self.worker
-                .metrics
-                .duration
-                .get_or_create(&TopicLabel { topic })
-                .observe(started.elapsed().as_secs_f64());
-            // After the database commit (or the dead-letter ack): now the offset may be committed.
-            // A partition revoked meanwhile refuses it; its new owner redelivers, harmlessly.
-            if let Err(e) = self
-                .consumer
-                .store_offset(msg.topic(), msg.partition(), msg.offset())
-            {
-                tracing::debug!(error = %e, topic = msg.topic(), partition = msg.partition(), "offset not stored");
             }
+            let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = gate.finished(batch.len()) {
+                apply(&self.consumer, &self.topic, self.partition, f);
+            }
+            drop(gate);
+            batch.clear();
         }
     }
 
-    /// Handles one record until it is recorded, found a duplicate or dead-lettered; `None` if
+    /// Handles a batch until each record is recorded, found a duplicate or dead-lettered, then
+    /// stores the batch's offset; false if the lane must stop first (nothing is stored then).
+    async fn handle(&self, batch: &[OwnedMessage]) -> bool {
+        let started = Instant::now();
+        let spans: Vec<tracing::Span> = batch.iter().map(platform::kafka::consume_span).collect();
+        let mut prepared = Vec::with_capacity(batch.len());
+        for (msg, span) in batch.iter().zip(&spans) {
+            let Some(p) = self
+                .retrying(msg, || self.prepare(msg).instrument(span.clone()))
+                .await
+            else {
+                return false;
+            };
+            prepared.push(p);
+        }
+        let mut outcomes = vec!["dead_lettered"; batch.len()];
+        for ((msg, span), p) in batch.iter().zip(&spans).zip(&prepared) {
+            if let Prepared::Poison(poison) = p {
+                let sent = self.retrying(msg, || {
+                    self.dead_letter(msg, poison).instrument(span.clone())
+                });
+                if sent.await.is_none() {
+                    return false;
+                }
+            }
+        }
+        let (at, mut rows): (Vec<usize>, Vec<store::Row>) = prepared
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, p)| match p {
+                Prepared::Store(row) => Some((i, row)),
+                Prepared::Poison(_) => None,
+            })
+            .unzip();
+        if !rows.is_empty() {
+            // One client span per record, each a child of its record's consumer span, all
+            // covering the one transaction that writes them (with the batch size on each).
+            let db_spans: Vec<tracing::Span> = at
+                .iter()
+                .map(|&i| {
+                    let s = spans[i]
+                        .in_scope(|| platform::trace::db_span("INSERT", "processed_events"));
+                    s.record("db.operation.batch.size", rows.len());
+                    s
+                })
+                .collect();
+            // A task's completion continues the trace from its record's write.
+            for (row, span) in rows.iter_mut().zip(&db_spans) {
+                if let Some((_, tp)) = &mut row.completion {
+                    *tp = platform::trace::traceparent_of(span, tp.as_deref());
+                }
+            }
+            let write = || async {
+                let record =
+                    store::record_batch(&self.worker.pool, &self.topic, self.partition, &rows);
+                self.worker
+                    .metrics
+                    .db
+                    .time("record_batch", record)
+                    .await
+                    .map_err(|e| Retry(e.to_string()))
+            };
+            let Some(fresh) = self.retrying(&batch[at[0]], write).await else {
+                return false;
+            };
+            drop(db_spans);
+            for (i, new) in at.into_iter().zip(fresh) {
+                outcomes[i] = if new { "recorded" } else { "duplicate" };
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let m = &self.worker.metrics;
+        m.batch_records.observe(batch.len() as f64);
+        for outcome in outcomes {
+            m.processed
+                .get_or_create(&OutcomeLabels {
+                    topic: self.topic.clone(),
+                    outcome,
+                })
+                .inc();
+            m.duration
+                .get_or_create(&TopicLabel {
+                    topic: self.topic.clone(),
+                })
+                .observe(elapsed);
+        }
+        // After the database commit and the dead-letter acks: now the offset may be committed.
+        // A partition revoked meanwhile refuses it; its new owner redelivers, harmlessly.
+        let last = &batch[batch.len() - 1];
+        if let Err(e) = self
+            .consumer
+            .store_offset(&self.topic, self.partition, last.offset())
+        {
+            tracing::debug!(error = %e, topic = %self.topic, partition = self.partition, "offset not stored");
+        }
+        true
+    }
+
+    /// Runs `attempt` until it succeeds, with back-off between transient failures; `None` if
     /// the lane must stop first.
-    async fn process(&self, msg: &OwnedMessage) -> Option<&'static str> {
-        let span = platform::kafka::consume_span(msg);
+    async fn retrying<T, F, Fut>(&self, msg: &OwnedMessage, mut attempt: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Retry>>,
+    {
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.try_process(msg).instrument(span.clone()).await {
-                Ok(outcome) => return Some(outcome),
+            match attempt().await {
+                Ok(v) => return Some(v),
                 Err(Retry(why)) => {
                     tracing::warn!(%why, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), retry_in = ?backoff, "transient failure; retrying");
                     tokio::select! {
@@ -272,72 +417,48 @@ impl Lane {
         }
     }
 
-    async fn try_process(&self, msg: &OwnedMessage) -> Result<&'static str, Retry> {
-        match self.decode(msg).await? {
-            Err(poison) => {
-                self.dead_letter(msg, &poison).await?;
-                Ok("dead_lettered")
+    /// Decodes and checks one record and, for a task, runs it.
+    async fn prepare<'m>(&self, msg: &'m OwnedMessage) -> Result<Prepared<'m>, Retry> {
+        let decoded = match self.decode(msg).await? {
+            Err(poison) => return Ok(Prepared::Poison(poison)),
+            Ok(d) => d,
+        };
+        let headers = header_map(msg);
+        let Some(event_id) = headers
+            .get("event_id")
+            .and_then(|v| uuid::Uuid::parse_str(v).ok())
+        else {
+            return Ok(Prepared::Poison(Poison::Header("event_id")));
+        };
+        let completion = match &decoded {
+            Decoded::TaskProcess(t) => {
+                let (status, result, error) =
+                    match decode::run_task(&t.task_type, &t.input, self.worker.task_iterations) {
+                        Ok(r) => (schemas::TaskOutcome::Completed, Some(r), None),
+                        Err(e) => (schemas::TaskOutcome::Failed, None, Some(e)),
+                    };
+                let done = schemas::TaskCompleted {
+                    task_id: t.task_id,
+                    status,
+                    result,
+                    error,
+                    completed_at: chrono::Utc::now().timestamp_micros(),
+                };
+                Some((done, headers.get("traceparent").cloned()))
             }
-            Ok(decoded) => {
-                let headers = header_map(msg);
-                let event_id = match headers
-                    .get("event_id")
-                    .and_then(|v| uuid::Uuid::parse_str(v).ok())
-                {
-                    Some(id) => id,
-                    None => {
-                        self.dead_letter(msg, &Poison::Header("event_id")).await?;
-                        return Ok("dead_lettered");
-                    }
-                };
-                let completion = match &decoded {
-                    Decoded::TaskProcess(t) => {
-                        let (status, result, error) = match decode::run_task(
-                            &t.task_type,
-                            &t.input,
-                            self.worker.task_iterations,
-                        ) {
-                            Ok(r) => (schemas::TaskOutcome::Completed, Some(r), None),
-                            Err(e) => (schemas::TaskOutcome::Failed, None, Some(e)),
-                        };
-                        Some(schemas::TaskCompleted {
-                            task_id: t.task_id,
-                            status,
-                            result,
-                            error,
-                            completed_at: chrono::Utc::now().timestamp_micros(),
-                        })
-                    }
-                    _ => None,
-                };
-                // The task.completed row continues the trace from this write's span.
-                let span = platform::trace::db_span("INSERT", "processed_events");
-                let tp = platform::trace::traceparent_of(
-                    &span,
-                    headers.get("traceparent").map(String::as_str),
-                );
-                let origin = Origin {
-                    event_id,
-                    topic: msg.topic(),
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
-                    commit_ts: headers
-                        .get("commit_ts")
-                        .and_then(|v| v.parse::<i64>().ok())
-                        .and_then(chrono::DateTime::from_timestamp_micros),
-                    traceparent: tp.as_deref(),
-                };
-                let record =
-                    store::record(&self.worker.pool, &origin, &decoded, completion.as_ref())
-                        .instrument(span);
-                match self.worker.metrics.db.time("record_event", record).await {
-                    Ok(true) => Ok("recorded"),
-                    Ok(false) => Ok("duplicate"),
-                    Err(e) => Err(Retry(e.to_string())),
-                }
-            }
-        }
+            _ => None,
+        };
+        Ok(Prepared::Store(store::Row {
+            event_id,
+            offset: msg.offset(),
+            key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
+            event: decoded,
+            commit_ts: headers
+                .get("commit_ts")
+                .and_then(|v| v.parse::<i64>().ok())
+                .and_then(chrono::DateTime::from_timestamp_micros),
+            completion,
+        }))
     }
 
     /// `Ok(Err(poison))` for a record to dead-letter, `Err` for a transient failure.

@@ -2,4 +2,5 @@
 
 pub mod consume;
 pub mod decode;
+pub mod flow;
 pub mod store;

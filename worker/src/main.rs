@@ -47,9 +47,15 @@ struct Config {
     #[arg(long, env = "CONSUMER_SESSION_TIMEOUT", default_value = "10s", value_parser = platform::config::parse_duration)]
     consumer_session_timeout: std::time::Duration,
 
-    /// Records queued per partition before the reader waits.
-    #[arg(long, env = "LANE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    /// Records one partition's lane may hold before fetching that partition pauses (it resumes
+    /// at half); other partitions keep flowing.
+    #[arg(long, env = "LANE_CAPACITY", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     lane_capacity: u64,
+
+    /// The most records written in one database transaction; a lane writes whatever it holds up
+    /// to this, so a lone record is never held back.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    batch_size: u64,
 
     #[command(flatten)]
     db: DatabaseArgs,
@@ -115,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         registry_url: config.registry.schema_registry_url.0.clone(),
         task_iterations: config.task_iterations,
         lane_capacity: config.lane_capacity as usize,
+        batch_size: config.batch_size as usize,
         metrics,
     });
     let router = platform::ops::router(registry, readiness);

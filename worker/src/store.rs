@@ -1,5 +1,8 @@
-//! processed_events and the worker's outbox. One transaction per event: the event's row, and
-//! for a task its `task.completed` event, or nothing at all if the event was seen before.
+//! processed_events and the worker's outbox. One transaction per batch of one partition's
+//! records: every new event's row, and for each new task its `task.completed` event. An event
+//! seen before (a redelivery) changes nothing: its task is not completed a second time.
+
+use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -7,15 +10,16 @@ use uuid::Uuid;
 
 use crate::decode::Decoded;
 
-/// Where a record came from.
-pub struct Origin<'a> {
+/// One record to store, with where it came from.
+pub struct Row<'a> {
     pub event_id: Uuid,
-    pub topic: &'a str,
-    pub partition: i32,
     pub offset: i64,
     pub key: Option<&'a str>,
+    pub event: Decoded,
     pub commit_ts: Option<DateTime<Utc>>,
-    pub traceparent: Option<&'a str>,
+    /// The `task.completed` event a task record produces, and the trace context its outbox
+    /// row carries.
+    pub completion: Option<(schemas::TaskCompleted, Option<String>)>,
 }
 
 /// A database failure: always transient from the worker's point of view, so it retries.
@@ -27,45 +31,78 @@ pub enum StoreError {
     Pool(#[from] deadpool_postgres::PoolError),
 }
 
-/// Records the event once. Returns false if it was already recorded (a redelivery), in which
-/// case nothing changes, the task is not run again and no second completion is written.
-pub async fn record(
+/// One statement for any batch size: the columns travel as arrays. `processed_at` is the
+/// moment of the insert, just before the commit, so commit_ts → processed_at is the pipeline's
+/// end-to-end latency.
+const INSERT: &str = "INSERT INTO processed_events
+        (event_id, topic, partition, \"offset\", event_type, event_key, payload, commit_ts, processed_at)
+    SELECT e, $2, $3, o, t, k, p, c, clock_timestamp()
+    FROM UNNEST($1::uuid[], $4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::timestamptz[])
+        AS r(e, o, t, k, p, c)
+    ORDER BY o
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id";
+
+/// Records `rows` (one partition's, in offset order) in one transaction. Returns, per row,
+/// whether it was new; a row whose event was recorded before, by an earlier delivery or
+/// earlier in this batch, is not, and neither it nor its completion changes anything.
+pub async fn record_batch(
     pool: &Pool,
-    origin: &Origin<'_>,
-    event: &Decoded,
-    completion: Option<&schemas::TaskCompleted>,
-) -> Result<bool, StoreError> {
+    topic: &str,
+    partition: i32,
+    rows: &[Row<'_>],
+) -> Result<Vec<bool>, StoreError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO processed_events (event_id, topic, partition, \"offset\", event_type, event_key, payload, commit_ts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (event_id) DO NOTHING",
-        )
-        .await?;
-    let inserted = tx
-        .execute(
+    let stmt = tx.prepare_cached(INSERT).await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+    let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.event.event_type()).collect();
+    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key).collect();
+    let payloads: Vec<serde_json::Value> = rows.iter().map(|r| r.event.payload()).collect();
+    let commits: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.commit_ts).collect();
+    let inserted: HashSet<Uuid> = tx
+        .query(
             &stmt,
             &[
-                &origin.event_id,
-                &origin.topic,
-                &origin.partition,
-                &origin.offset,
-                &event.event_type(),
-                &origin.key,
-                &event.payload(),
-                &origin.commit_ts,
+                &ids, &topic, &partition, &offsets, &types, &keys, &payloads, &commits,
             ],
         )
-        .await?;
-    if inserted == 0 {
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    if let Some(done) = completion {
-        platform::outbox::insert(&tx, done, origin.traceparent).await?;
-    }
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let fresh = first_of_each(rows.iter().map(|r| r.event_id), &inserted);
+    // Sent together on the connection, not one round trip each.
+    let completions = rows
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, new)| **new)
+        .filter_map(|(r, _)| r.completion.as_ref())
+        .map(|(done, tp)| platform::outbox::insert(&tx, done, tp.as_deref()));
+    futures::future::try_join_all(completions).await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(fresh)
+}
+
+/// Per id, in order: true for the first occurrence of an id that was inserted.
+fn first_of_each(ids: impl Iterator<Item = Uuid>, inserted: &HashSet<Uuid>) -> Vec<bool> {
+    let mut seen = HashSet::new();
+    ids.map(|id| inserted.contains(&id) && seen.insert(id))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_first_of_an_inserted_id_is_new() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let inserted = HashSet::from([a, c]);
+        assert_eq!(
+            first_of_each([a, b, a, c, b].into_iter(), &inserted),
+            [true, false, false, true, false]
+        );
+    }
 }
