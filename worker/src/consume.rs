@@ -4,8 +4,8 @@
 //!   parallel and each stays in order.
 //! - Batches: a lane writes whatever it holds, up to `batch_size` records, in one database
 //!   transaction; a lone record is written at once, never held back for a batch to fill.
-//! - Back-pressure per partition: a lane holding `lane_capacity` records pauses fetching its
-//!   own partition and resumes it at half; the reader never waits, so a backlog on one topic
+//! - Back-pressure per partition: a lane holding `lane_limit` (records or bytes) pauses
+//!   fetching its own partition and resumes it at half; the reader never waits, so a backlog on one topic
 //!   does not delay another's records. librdkafka's own prefetch is capped, so memory stays
 //!   bounded.
 //! - Exactly one effect: a batch's offset is stored for commit only after its database commit
@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::decode::{self, Decoded, Poison};
-use crate::flow::{Fetch, Gate};
+use crate::flow::{Fetch, Gate, Load};
 use crate::store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,8 +115,8 @@ pub struct Worker {
     pub topic_prefix: String,
     pub registry_url: String,
     pub task_iterations: u32,
-    /// Records a partition's lane may hold before its partition is paused.
-    pub lane_capacity: usize,
+    /// What a partition's lane may hold (records, bytes) before its partition is paused.
+    pub lane_limit: Load,
     /// The most records one database transaction holds.
     pub batch_size: usize,
     pub metrics: Metrics,
@@ -160,7 +160,13 @@ impl Worker {
                 .set("enable.auto.commit", "true")
                 .set("enable.auto.offset.store", "false")
                 .set("auto.commit.interval.ms", "1000")
-                .set("queued.max.messages.kbytes", "16384")
+                // librdkafka's prefetch per partition. A pause drops it and a resume fetches
+                // it again, so it is kept well under a lane's byte limit; its fetch back-off
+                // (1 s by default, for a full prefetch queue) is short, or a lane that resumed
+                // would wait for it.
+                .set("queued.max.messages.kbytes", "4096")
+                .set("queued.min.messages", "5000")
+                .set("fetch.queue.backoff.ms", "10")
                 .set("topic.metadata.refresh.interval.ms", "5000")
                 .create()?,
         );
@@ -195,7 +201,7 @@ impl Worker {
                     let key = (msg.topic().to_string(), msg.partition());
                     let lane = lanes.entry(key).or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        let gate = Arc::new(Mutex::new(Gate::new(self.lane_capacity)));
+                        let gate = Arc::new(Mutex::new(Gate::new(self.lane_limit)));
                         let lane = Lane {
                             worker: self.clone(),
                             consumer: consumer.clone(),
@@ -212,7 +218,7 @@ impl Worker {
                     // The reader never waits on a lane: a full lane pauses its own partition
                     // (docs/ARCHITECTURE.md, "worker"), and the others keep flowing.
                     let mut gate = lane.gate.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(f) = gate.handed() {
+                    if let Some(f) = gate.handed(Load::one(weight(&msg))) {
                         apply(&consumer, msg.topic(), msg.partition(), f);
                     }
                     drop(gate);
@@ -288,7 +294,11 @@ impl Lane {
                 return;
             }
             let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(f) = gate.finished(batch.len()) {
+            let done = Load {
+                records: batch.len(),
+                bytes: batch.iter().map(weight).sum(),
+            };
+            if let Some(f) = gate.finished(done) {
                 apply(&self.consumer, &self.topic, self.partition, f);
             }
             drop(gate);
@@ -423,10 +433,7 @@ impl Lane {
             Err(poison) => return Ok(Prepared::Poison(poison)),
             Ok(d) => d,
         };
-        let headers = header_map(msg);
-        let Some(event_id) = headers
-            .get("event_id")
-            .and_then(|v| uuid::Uuid::parse_str(v).ok())
+        let Some(event_id) = header(msg, "event_id").and_then(|v| uuid::Uuid::parse_str(v).ok())
         else {
             return Ok(Prepared::Poison(Poison::Header("event_id")));
         };
@@ -444,7 +451,7 @@ impl Lane {
                     error,
                     completed_at: chrono::Utc::now().timestamp_micros(),
                 };
-                Some((done, headers.get("traceparent").cloned()))
+                Some((done, header(msg, "traceparent").map(str::to_string)))
             }
             _ => None,
         };
@@ -453,8 +460,7 @@ impl Lane {
             offset: msg.offset(),
             key: msg.key().and_then(|k| std::str::from_utf8(k).ok()),
             event: decoded,
-            commit_ts: headers
-                .get("commit_ts")
+            commit_ts: header(msg, "commit_ts")
                 .and_then(|v| v.parse::<i64>().ok())
                 .and_then(chrono::DateTime::from_timestamp_micros),
             completion,
@@ -530,14 +536,16 @@ impl Lane {
 /// A transient failure, retried.
 struct Retry(String);
 
-fn header_map(msg: &OwnedMessage) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    if let Some(h) = msg.headers() {
-        for hd in h.iter() {
-            if let Some(v) = hd.value.and_then(|v| std::str::from_utf8(v).ok()) {
-                out.insert(hd.key.to_string(), v.to_string());
-            }
-        }
-    }
-    out
+/// What a record weighs in a lane: its payload and key (headers are small and bounded).
+fn weight(msg: &OwnedMessage) -> usize {
+    msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len)
+}
+
+/// A header's value, if it is present and UTF-8.
+fn header<'m>(msg: &'m OwnedMessage, name: &str) -> Option<&'m str> {
+    msg.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
 }

@@ -22,15 +22,17 @@ impl Decoded {
         }
     }
 
-    /// The payload as JSON, for `processed_events.payload`.
-    pub fn payload(&self) -> serde_json::Value {
+    /// The payload as JSON text, for `processed_events.payload` (straight from the event, no
+    /// intermediate JSON tree: this runs once per record).
+    pub fn payload(&self) -> String {
         match self {
-            Decoded::ResourceCreated(e) => serde_json::to_value(e),
-            Decoded::ResourceUpdated(e) => serde_json::to_value(e),
-            Decoded::ResourceDeleted(e) => serde_json::to_value(e),
-            Decoded::TaskProcess(e) => serde_json::to_value(e),
+            Decoded::ResourceCreated(e) => serde_json::to_string(e),
+            Decoded::ResourceUpdated(e) => serde_json::to_string(e),
+            Decoded::ResourceDeleted(e) => serde_json::to_string(e),
+            Decoded::TaskProcess(e) => serde_json::to_string(e),
         }
-        .unwrap_or_default()
+        // Our own types hold only strings, numbers and maps of strings: this cannot fail.
+        .unwrap_or_else(|_| "{}".into())
     }
 }
 

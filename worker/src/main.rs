@@ -49,8 +49,13 @@ struct Config {
 
     /// Records one partition's lane may hold before fetching that partition pauses (it resumes
     /// at half); other partitions keep flowing.
-    #[arg(long, env = "LANE_CAPACITY", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, env = "LANE_CAPACITY", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     lane_capacity: u64,
+
+    /// Payload and key bytes one partition's lane may hold before fetching that partition
+    /// pauses, whichever of this and LANE_CAPACITY comes first.
+    #[arg(long, env = "LANE_MAX_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1024..=(1 << 32)))]
+    lane_max_bytes: u64,
 
     /// The most records written in one database transaction; a lane writes whatever it holds up
     /// to this, so a lone record is never held back.
@@ -120,7 +125,10 @@ async fn main() -> anyhow::Result<()> {
         topic_prefix: config.topic_prefix.clone(),
         registry_url: config.registry.schema_registry_url.0.clone(),
         task_iterations: config.task_iterations,
-        lane_capacity: config.lane_capacity as usize,
+        lane_limit: worker::flow::Load {
+            records: config.lane_capacity as usize,
+            bytes: config.lane_max_bytes as usize,
+        },
         batch_size: config.batch_size as usize,
         metrics,
     });

@@ -36,8 +36,8 @@ pub enum StoreError {
 /// end-to-end latency.
 const INSERT: &str = "INSERT INTO processed_events
         (event_id, topic, partition, \"offset\", event_type, event_key, payload, commit_ts, processed_at)
-    SELECT e, $2, $3, o, t, k, p, c, clock_timestamp()
-    FROM UNNEST($1::uuid[], $4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::timestamptz[])
+    SELECT e, $2, $3, o, t, k, p::jsonb, c, clock_timestamp()
+    FROM UNNEST($1::uuid[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
         AS r(e, o, t, k, p, c)
     ORDER BY o
     ON CONFLICT (event_id) DO NOTHING
@@ -59,7 +59,7 @@ pub async fn record_batch(
     let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
     let types: Vec<&str> = rows.iter().map(|r| r.event.event_type()).collect();
     let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key).collect();
-    let payloads: Vec<serde_json::Value> = rows.iter().map(|r| r.event.payload()).collect();
+    let payloads: Vec<String> = rows.iter().map(|r| r.event.payload()).collect();
     let commits: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.commit_ts).collect();
     let inserted: HashSet<Uuid> = tx
         .query(

@@ -240,3 +240,58 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_later_events_flow() {
     );
     p.stop().await;
 }
+
+/// A backlog on one topic does not hold back another topic's records: each partition pauses
+/// on its own. The worker is slowed to one record per transaction so that a backlog lasts
+/// seconds; a task sent behind it must complete while most of the backlog is still waiting
+/// (a reader that waited on the full lane would deliver it only after the whole prefetched
+/// backlog). Then the whole backlog arrives, once, through many pauses and resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_on_one_topic_does_not_hold_back_a_task() {
+    let backlog: i64 = 20_000;
+    let mut p = Pipeline::start_with(vec![
+        ("BATCH_SIZE", "1".into()),
+        ("LANE_CAPACITY", "2000".into()),
+    ])
+    .await;
+    p.kill_worker();
+    p.rest_db
+        .owner()
+        .await
+        .batch_execute(&test_support::bench::outbox_insert_sql(
+            backlog as usize,
+            300,
+            0,
+        ))
+        .await
+        .unwrap();
+    let topic = format!("{}resource.created", p.prefix);
+    let on_kafka =
+        test_support::bench::drain(&topic, backlog as usize, Duration::from_secs(120), false).await;
+    assert_eq!(
+        on_kafka.arrivals.len(),
+        backlog as usize,
+        "the backlog is on Kafka"
+    );
+    p.start_worker().await;
+    let created = "SELECT count(*) FROM processed_events WHERE event_type = 'resource.created'";
+    let task = p.process_task(r#"{"behind": "a backlog"}"#).await;
+    let done = wait_task(&mut p.tasks, &task.id, Duration::from_secs(120)).await;
+    assert_eq!(done.status, TaskStatus::Completed as i32, "{done:?}");
+    let recorded = p.worker_count(created).await;
+    eprintln!("the task completed with {recorded} of {backlog} backlog events recorded");
+    assert!(
+        recorded < backlog / 2,
+        "the task waited behind the backlog: {recorded} of {backlog} recorded before it"
+    );
+    p.wait_count(created, backlog, Duration::from_secs(300))
+        .await;
+    let distinct = p
+        .worker_count(
+            "SELECT count(DISTINCT (topic, partition, \"offset\")) FROM processed_events
+             WHERE event_type = 'resource.created'",
+        )
+        .await;
+    assert_eq!(distinct, backlog, "one row per record");
+    p.stop().await;
+}
