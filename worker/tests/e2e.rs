@@ -198,26 +198,11 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_later_events_flow() {
         TaskStatus::Completed as i32
     );
 
-    let consumer: StreamConsumer = stack()
-        .kafka_config()
-        .set("group.id", consumer_group("dlq"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    let dlq = dlq_reader(&topic);
     let mut reasons = std::collections::HashMap::new();
     while reasons.len() < cases.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .expect("dead letters arrive")
-            .unwrap();
-        let h = msg.headers().unwrap();
-        let get = |k: &str| {
-            h.iter()
-                .find(|x| x.key == k)
-                .and_then(|x| x.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        };
+        let msg = next_dead_letter(&dlq).await;
+        let get = |k: &str| header(&msg, k);
         assert_eq!(get("dlq_origin").as_deref(), Some("worker"));
         assert_eq!(get("dlq_source_topic").as_deref(), Some(topic.as_str()));
         reasons.insert(
@@ -398,27 +383,16 @@ async fn poison_inside_a_batch_is_dead_lettered_and_its_neighbours_recorded() {
         .collect();
     assert_eq!(recorded, good, "every good record, at its own offset");
 
-    let consumer: StreamConsumer = stack()
-        .kafka_config()
-        .set("group.id", consumer_group("dlq"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    let dlq = dlq_reader(&topic);
     let mut dead = Vec::new();
     while dead.len() < poison.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .expect("dead letters arrive")
-            .unwrap();
-        let offset = msg
-            .headers()
-            .unwrap()
-            .iter()
-            .find(|h| h.key == "dlq_source_offset")
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).parse::<i64>().unwrap());
-        dead.push(offset.unwrap());
+        let msg = next_dead_letter(&dlq).await;
+        dead.push(
+            header(&msg, "dlq_source_offset")
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
+        );
     }
     dead.sort();
     assert_eq!(
@@ -438,4 +412,32 @@ async fn poison_inside_a_batch_is_dead_lettered_and_its_neighbours_recorded() {
         "written in batches: {batches} transactions for 150 records"
     );
     p.stop().await;
+}
+
+/// A consumer of `<topic>.dlq`, from its start.
+fn dlq_reader(topic: &str) -> StreamConsumer {
+    let consumer: StreamConsumer = stack()
+        .kafka_config()
+        .set("group.id", consumer_group("dlq"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    consumer
+}
+
+async fn next_dead_letter(dlq: &StreamConsumer) -> rdkafka::message::OwnedMessage {
+    tokio::time::timeout(Duration::from_secs(30), dlq.recv())
+        .await
+        .expect("dead letters arrive")
+        .unwrap()
+        .detach()
+}
+
+fn header(msg: &rdkafka::message::OwnedMessage, key: &str) -> Option<String> {
+    msg.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
