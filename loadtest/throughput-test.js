@@ -3,12 +3,14 @@
 // kafkify-lag (loadtest/src/main.rs, started by loadtest/run) what happened to every resource,
 // step by step: commit → the worker's row (end to end) and commit → Kafka. A step keeps up
 // if its end-to-end p99 is under LAG_LIMIT_MS (default 1000); past the rate the pipeline can
-// sustain, the backlog, and with it the lag, grows through the step. It reports the highest
-// step that kept up, and the threshold fails the run if that is below MIN_RATE (default 100).
+// sustain, the backlog, and with it the lag, grows through the step. It reports, per step, the
+// rate asked and the rate k6 managed to write (on a small machine k6 and api-rest run out of
+// CPU first), and the highest written rate that kept up; the threshold fails the run if that is
+// below MIN_RATE (default 100).
 //
 //   loadtest/run throughput      (RATES=500,1000,2000,4000 STEP_SECONDS=20 for more)
 import http from 'k6/http';
-import { check } from 'k6';
+import { check, sleep } from 'k6';
 import exec from 'k6/execution';
 import { Trend, Gauge } from 'k6/metrics';
 import { AUTH } from './lib/scenario.js';
@@ -66,13 +68,20 @@ function pct(sorted, p) {
 }
 
 export function teardown(data) {
-  // Everything written must reach the worker first: wait for the whole run (a backlog from the
-  // last steps may take a while), then look at each step.
-  const scheduled = RATES.reduce((n, r) => n + r * STEP, 0);
-  http.get(`${LAG}/lag?prefix=${data.run}-&expect=${scheduled}&timeout_s=240`, { timeout: '280s' });
+  // Everything written must reach the worker first (a backlog from the last steps may take a
+  // while): wait until the count of arrived events stops growing, then look at each step.
+  // k6 may not reach a step's rate (dropped iterations), so what was written is counted, not
+  // computed from RATES.
+  let arrived = -1;
+  for (let i = 0; i < 120; i++) {
+    const n = http.get(`${LAG}/lag?prefix=${data.run}-&expect=0&timeout_s=1`, { timeout: '60s' }).json('found');
+    if (n === arrived) break;
+    arrived = n;
+    sleep(3);
+  }
   let best = 0;
   let broken = false;
-  const lines = ['rate/s  events  end-to-end p50 / p99 ms  commit→Kafka p99 ms'];
+  const lines = ['asked/s  written/s  end-to-end p50 / p99 ms  commit→Kafka p99 ms'];
   RATES.forEach((rate, i) => {
     const res = http.get(`${LAG}/lag?prefix=${data.run}-s${i}-&expect=0&timeout_s=1`, { timeout: '60s' });
     const body = res.json();
@@ -85,11 +94,15 @@ export function teardown(data) {
     e2e.forEach((v) => endToEnd.add(v, { rate: String(rate) }));
     const p99 = pct(e2e, 0.99);
     const kept = e2e.length > 0 && p99 < LIMIT;
+    // What k6 managed to write in the step (its ramp second included).
+    const written = Math.round(e2e.length / SPAN);
     // Steps rise: the first that does not keep up ends the search.
-    if (kept && !broken) best = rate;
+    if (kept && !broken) best = written;
     else broken = true;
-    lines.push(`${String(rate).padStart(6)}  ${String(e2e.length).padStart(6)}  ${pct(e2e, 0.5).toFixed(1)} / ${p99.toFixed(1)}${kept ? '' : '  ← lag grows'}  ${pct(kafka, 0.99).toFixed(1)}`);
+    lines.push(`${String(rate).padStart(7)}  ${String(written).padStart(9)}  ${pct(e2e, 0.5).toFixed(1)} / ${p99.toFixed(1)}${kept ? '' : '  ← lag grows'}  ${pct(kafka, 0.99).toFixed(1)}`);
   });
   sustained.add(best);
-  console.log(`\n${lines.join('\n')}\nhighest rate that kept up (end-to-end p99 < ${LIMIT} ms): ${best}/s`);
+  lines.push(`highest written rate that kept up (end-to-end p99 < ${LIMIT} ms): ${best}/s`);
+  // One console line per row: k6 escapes newlines inside one message.
+  lines.forEach((l) => console.log(l));
 }
