@@ -111,20 +111,7 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_later_events_flow() {
     let topic = format!("{}task.process", p.prefix);
     let producer: FutureProducer = stack().kafka_config().create().unwrap();
     // A task.process record that decodes but breaks the domain rules: empty task type.
-    let schema_id: u32 = {
-        let url = format!(
-            "{}/subjects/{topic}-value/versions/latest",
-            stack().schema_registry_url
-        );
-        reqwest::get(url)
-            .await
-            .unwrap()
-            .json::<serde_json::Value>()
-            .await
-            .unwrap()["id"]
-            .as_u64()
-            .unwrap() as u32
-    };
+    let schema_id = latest_schema_id(&topic).await;
     let mut domain = vec![0];
     domain.extend_from_slice(&schema_id.to_be_bytes());
     let fields = [
@@ -302,18 +289,7 @@ async fn poison_inside_a_batch_is_dead_lettered_and_its_neighbours_recorded() {
     let mut p = Pipeline::start().await;
     p.kill_worker();
     let topic = format!("{}resource.created", p.prefix);
-    let url = format!(
-        "{}/subjects/{topic}-value/versions/latest",
-        stack().schema_registry_url
-    );
-    let schema_id = reqwest::get(url)
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()["id"]
-        .as_u64()
-        .unwrap() as u32;
+    let schema_id = latest_schema_id(&topic).await;
     let schema = schemas::schema("resource.created").unwrap();
     let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
         .build()
@@ -440,4 +416,20 @@ fn header(msg: &rdkafka::message::OwnedMessage, key: &str) -> Option<String> {
         .find(|h| h.key == key)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The id of the schema the relay registered for `topic`'s values.
+async fn latest_schema_id(topic: &str) -> u32 {
+    let url = format!(
+        "{}/subjects/{topic}-value/versions/latest",
+        stack().schema_registry_url
+    );
+    reqwest::get(url)
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap() as u32
 }
