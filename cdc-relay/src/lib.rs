@@ -2,12 +2,15 @@
 //! them to Postgres, the schema registry and Kafka. The binary in `main.rs` is configuration
 //! and start-up only.
 
+pub mod checkpoint;
 pub mod config;
 pub mod encode;
+pub mod machine;
 pub mod metrics;
 pub mod outbox;
 pub mod pgoutput;
 pub mod producer;
+pub mod record;
 pub mod registry;
 pub mod relay;
 pub mod topics;

@@ -9,12 +9,12 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 
+use crate::checkpoint;
 use crate::config::Delivery;
 use crate::encode::KafkaRecord;
 use crate::pgoutput::Lsn;
@@ -25,11 +25,6 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `transaction.timeout.ms`: how long the broker keeps a transaction of a dead relay open
 /// before it aborts it.
 const TXN_EXPIRY: Duration = Duration::from_secs(60);
-
-/// Reading the checkpoint may have to wait for another producer's transaction on the topic to
-/// end, which the broker guarantees within that producer's transaction timeout plus its
-/// expiry check (`transaction.abort.timed.out.transaction.cleanup.interval.ms`, 10 s).
-const CHECKPOINT_READ_LIMIT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -148,7 +143,7 @@ impl Sink {
         }
         let topic = self.checkpoint_topic.clone();
         let key = self.checkpoint_key.clone();
-        blocking(move || read_checkpoint(base, &topic, &key)).await?
+        blocking(move || checkpoint::read(base, &topic, &key)).await?
     }
 
     /// Starts the publishing pipeline. Send it a batch after each `Ready` (one is sent first);
@@ -207,7 +202,7 @@ impl Sink {
                             let checkpoint = KafkaRecord {
                                 topic: self.checkpoint_topic.clone(),
                                 key: self.checkpoint_key.clone(),
-                                value: checkpoint_value(batch.upto).into_bytes(),
+                                value: checkpoint::value(batch.upto).into_bytes(),
                                 headers: Vec::new(),
                                 span: None,
                             };
@@ -362,88 +357,4 @@ fn future_record(r: &KafkaRecord) -> FutureRecord<'_, str, [u8]> {
         .key(r.key.as_str())
         .payload(r.value.as_slice())
         .headers(headers)
-}
-
-fn checkpoint_value(lsn: Lsn) -> String {
-    format!("{{\"lsn\":\"{lsn}\"}}")
-}
-
-/// Parses what [`checkpoint_value`] wrote.
-pub fn parse_checkpoint(value: &str) -> Option<Lsn> {
-    let v: serde_json::Value = serde_json::from_str(value).ok()?;
-    v.get("lsn")?.as_str()?.parse().ok()
-}
-
-fn read_checkpoint(
-    mut base: ClientConfig,
-    topic: &str,
-    key: &str,
-) -> Result<Option<Lsn>, SinkError> {
-    let group = format!("kafkify-relay-checkpoint-{key}");
-    base.set("group.id", group)
-        .set("enable.auto.commit", "false");
-    // The true end of the log, not the last stable offset a read_committed client is told:
-    // every source shares this partition, and another source's open transaction (one a crash
-    // left behind, until that source fences it) keeps the LSO below batches we committed later.
-    // Stopping there would return an older checkpoint and re-publish what came after it.
-    let end: BaseConsumer = base
-        .clone()
-        .set("isolation.level", "read_uncommitted")
-        .create()?;
-    let (_, high) = end.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
-    drop(end);
-    let consumer: BaseConsumer = base.set("isolation.level", "read_committed").create()?;
-    if high == 0 {
-        return Ok(None);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let start = Instant::now();
-    let mut last = None;
-    loop {
-        // Read until our position passes the high watermark seen at the start: with
-        // read_committed the position also moves past aborted records and markers, and it
-        // gets there once every transaction open at the start has ended.
-        let position = consumer
-            .position()?
-            .find_partition(topic, 0)
-            .and_then(|p| p.offset().to_raw())
-            .unwrap_or(0);
-        if position >= high {
-            return Ok(last);
-        }
-        if start.elapsed() > CHECKPOINT_READ_LIMIT {
-            return Err(SinkError::CheckpointTimeout {
-                topic: topic.to_string(),
-                secs: CHECKPOINT_READ_LIMIT.as_secs(),
-            });
-        }
-        if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
-            let msg = msg?;
-            if msg.key() == Some(key.as_bytes()) {
-                let value = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
-                last = Some(
-                    parse_checkpoint(&value).ok_or_else(|| SinkError::BadCheckpoint {
-                        key: key.to_string(),
-                        value,
-                    })?,
-                );
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoint_values_round_trip() {
-        let v = checkpoint_value(Lsn(0x2_0000_00ff));
-        assert_eq!(v, r#"{"lsn":"2/FF"}"#);
-        assert_eq!(parse_checkpoint(&v), Some(Lsn(0x2_0000_00ff)));
-        assert_eq!(parse_checkpoint("garbage"), None);
-        assert_eq!(parse_checkpoint(r#"{"lsn":"nope"}"#), None);
-    }
 }

@@ -1,15 +1,8 @@
-//! One source's replication session: slot → decode → encode → Kafka → acknowledge.
+//! One source's replication session, the I/O half: the slot, TLS, the replication stream,
+//! retry, and the slot-lag watcher. What to publish and what to acknowledge is decided by
+//! `machine.rs`; records are built by `record.rs`; Kafka is `producer.rs`.
 //!
-//! The contract (docs/ARCHITECTURE.md, "Exactly-once into Kafka"):
-//! - a WAL position is acknowledged to Postgres only after Kafka has committed every event
-//!   before it, so nothing committed is ever lost;
-//! - exactly-once: each batch of whole Postgres transactions is one Kafka transaction with the
-//!   checkpoint; after a restart, transactions at or below the checkpoint are skipped;
-//! - order per aggregate: events are produced in commit order, keyed by aggregate id; a batch
-//!   is sent only after the one before it was appended (see `producer::Sink::start`);
-//! - when the outbox is idle, keepalives move the acknowledged position so the slot does not
-//!   pin WAL;
-//! - the slot is the lock: a second relay waits on an active slot and takes over when it frees.
+//! The slot is the lock: a second relay waits on an active slot and takes over when it frees.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,16 +13,14 @@ use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Identifier};
-use crate::encode::{encode_payload, headers, KafkaRecord, Origin};
+use crate::encode::{KafkaRecord, Origin};
+use crate::machine::{Action, Input, Limits, Machine, Violation};
 use crate::metrics::{Metrics, SourceLabel, TopicLabel};
-use crate::outbox::{OutboxColumns, OutboxError, OutboxEvent};
+use crate::outbox::{OutboxColumns, OutboxError};
 use crate::pgoutput::{self, Lsn, Message, PG_EPOCH_OFFSET_MICROS};
 use crate::producer::{Outgoing, Progress, Sink, SinkError};
+use crate::record;
 use crate::registry::SchemaCache;
-
-/// Where events the relay cannot encode go when their event type is unknown (a known type's
-/// go to `<topic>.dlq`).
-pub const UNKNOWN_EVENT_TYPE_DLQ: &str = "kafkify.unknown.dlq";
 
 pub struct RelayContext {
     pub config: Config,
@@ -55,6 +46,8 @@ pub enum SessionError {
     StreamEnded,
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("replication protocol: {0}")]
+    Protocol(#[from] Violation),
 }
 
 impl SessionError {
@@ -76,7 +69,7 @@ impl SessionError {
             SessionError::SlotLost { .. } => "slot_lost",
             SessionError::Postgres(_) => "postgres",
             SessionError::Replication(_) | SessionError::StreamEnded => "replication",
-            SessionError::Decode(_) => "decode",
+            SessionError::Decode(_) | SessionError::Protocol(_) => "decode",
             SessionError::Outbox(_) => "outbox",
             SessionError::Sink(_) => "kafka",
         }
@@ -215,22 +208,6 @@ fn replication_config(
     .with_application_name("kafkify-cdc-relay"))
 }
 
-/// A Postgres transaction being received.
-struct OpenTx {
-    commit_ts_micros: i64,
-    records: Vec<KafkaRecord>,
-}
-
-/// Whole Postgres transactions waiting for their Kafka transaction.
-#[derive(Default)]
-struct Batch {
-    records: Vec<KafkaRecord>,
-    /// (commit time, events) of each transaction in the batch, for the latency histogram.
-    commits: Vec<(i64, usize)>,
-    last_lsn: Option<Lsn>,
-    first_at: Option<Instant>,
-}
-
 async fn session(
     ctx: &RelayContext,
     source: &Identifier,
@@ -267,15 +244,16 @@ async fn session(
     ctx.metrics.streaming.get_or_create(&label).set(1);
     tracing::info!(source = %source.0, slot, checkpoint = ?checkpoint.map(|l| l.to_string()), "streaming");
 
+    let limits = Limits {
+        max_events: config.batch_max_events as usize,
+        linger: config.batch_linger,
+    };
     let mut stream = Stream {
         ctx,
         source,
         label,
-        checkpoint: checkpoint.unwrap_or_default(),
+        machine: Machine::new(checkpoint.unwrap_or_default(), limits),
         relations: HashMap::new(),
-        open: None,
-        batch: Batch::default(),
-        in_flight: 0,
     };
     let result = stream.run(&mut repl, sink, shutdown).await;
     repl.stop();
@@ -287,13 +265,8 @@ struct Stream<'a> {
     ctx: &'a RelayContext,
     source: &'a Identifier,
     label: SourceLabel,
-    /// Everything at or below this commit LSN is in Kafka already.
-    checkpoint: Lsn,
+    machine: Machine<KafkaRecord>,
     relations: HashMap<u32, Option<Result<OutboxColumns, OutboxError>>>,
-    open: Option<OpenTx>,
-    batch: Batch,
-    /// Batches handed to the sink and not yet acknowledged by Kafka.
-    in_flight: usize,
 }
 
 /// What the stream needs back when Kafka acknowledges a batch.
@@ -304,89 +277,80 @@ struct Receipt {
     events: usize,
 }
 
+type Batches = tokio::sync::mpsc::Sender<Outgoing<Receipt>>;
+
 impl Stream<'_> {
+    /// Reads the stream into the machine and carries out what it answers, until `shutdown`;
+    /// then publishes what is complete and waits until Kafka has acknowledged all of it.
     async fn run(
         &mut self,
         repl: &mut ReplicationClient,
         sink: Sink,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionError> {
-        let linger = self.ctx.config.batch_linger;
-        let max_events = self.ctx.config.batch_max_events as usize;
         let (batches, mut progress) = sink.start::<Receipt>();
-        // The sink takes a batch only when it can send it at once; until then the next batch
-        // keeps growing, so a slow Kafka means bigger transactions, not a queue of small ones.
-        let mut sink_ready = false;
+        let mut draining = false;
         loop {
-            let full = self.batch.records.len() >= max_events;
-            let flush_at = match self.batch.first_at {
-                Some(t) if sink_ready && !full => Some(tokio::time::Instant::from_std(t + linger)),
-                Some(_) if sink_ready => Some(tokio::time::Instant::now()),
-                _ => None,
-            };
-            tokio::select! {
+            if draining && self.machine.drained() {
+                return Ok(());
+            }
+            let deadline = self.machine.deadline().map(tokio::time::Instant::from_std);
+            let input = tokio::select! {
                 biased;
-                // Stop first: what is complete is published, a half-received transaction is
-                // left for the next run (Postgres re-sends it).
-                _ = shutdown.cancelled() => break,
-                p = progress.recv() => sink_ready |= self.progress(p, repl)?,
-                _ = sleep_until(flush_at), if flush_at.is_some() => {
-                    self.hand_over(&batches).await?;
-                    sink_ready = false;
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    Input::Drain
                 }
-                // A full batch waits for the sink: Postgres holds the rest meanwhile.
-                event = repl.recv(), if !full => match event? {
-                    Some(event) => self.handle(event, repl)?,
+                p = progress.recv() => self.progress(p)?,
+                _ = sleep_until(deadline), if deadline.is_some() => Input::Tick,
+                event = repl.recv(), if self.machine.wants_input() => match event? {
+                    Some(event) => match self.input(event)? {
+                        Some(input) => input,
+                        None => continue,
+                    },
                     None => return Err(SessionError::StreamEnded),
                 },
+            };
+            let actions = self.machine.on(input, Instant::now())?;
+            for action in actions {
+                self.act(action, repl, &batches).await?;
             }
         }
-        // Publish what is complete, then wait until Kafka has acknowledged all of it.
-        while !self.batch.records.is_empty() || self.in_flight > 0 {
-            if sink_ready && !self.batch.records.is_empty() {
-                self.hand_over(&batches).await?;
-                sink_ready = false;
-            }
-            sink_ready |= self.progress(progress.recv().await, repl)?;
-        }
-        Ok(())
     }
 
-    /// Applies one report of the sink; true when it takes the next batch.
+    /// One report of the sink, as the machine's input; a failure ends the session.
     fn progress(
         &mut self,
         report: Option<Progress<Receipt>>,
-        repl: &ReplicationClient,
-    ) -> Result<bool, SessionError> {
+    ) -> Result<Input<KafkaRecord>, SessionError> {
         match report {
-            Some(Progress::Ready) => Ok(true),
+            Some(Progress::Ready) => Ok(Input::SinkReady),
             Some(Progress::Acked {
                 upto,
                 meta,
                 elapsed,
             }) => {
-                self.acked(repl, upto, meta, elapsed);
-                Ok(false)
+                self.observe(meta, elapsed);
+                Ok(Input::Acked { upto })
             }
             Some(Progress::Failed(e)) => Err(e.into()),
             None => Err(SinkError::Task("the Kafka pipeline stopped".into()).into()),
         }
     }
 
-    fn handle(
+    /// One replication message as the machine's input: `None` for what carries nothing for
+    /// Kafka (relations are kept here; updates, deletes, types, origins, truncates and logical
+    /// messages are not published).
+    fn input(
         &mut self,
         event: ReplicationEvent,
-        repl: &ReplicationClient,
-    ) -> Result<(), SessionError> {
-        match event {
+    ) -> Result<Option<Input<KafkaRecord>>, SessionError> {
+        Ok(Some(match event {
             ReplicationEvent::Begin {
                 commit_time_micros, ..
-            } => {
-                self.open = Some(OpenTx {
-                    commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
-                    records: Vec::new(),
-                });
-            }
+            } => Input::Begin {
+                commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
+            },
             ReplicationEvent::XLogData {
                 wal_start, data, ..
             } => match pgoutput::decode(&data)? {
@@ -396,12 +360,13 @@ impl Stream<'_> {
                         tracing::warn!(table = %format!("{}.{}", rel.namespace, rel.name), "publication carries a table that is not an outbox; its changes are ignored");
                     }
                     self.relations.insert(rel.oid, cols);
+                    return Ok(None);
                 }
                 Message::Insert { relation, new } => {
                     let cols = match self.relations.get(&relation) {
                         Some(Some(Ok(cols))) => cols,
                         Some(Some(Err(e))) => return Err(e.clone().into()),
-                        Some(None) => return Ok(()),
+                        Some(None) => return Ok(None),
                         None => {
                             return Err(pgoutput::DecodeError::Malformed(format!(
                                 "insert into relation {relation} before its Relation message"
@@ -410,120 +375,83 @@ impl Stream<'_> {
                         }
                     };
                     let event = cols.event(&new)?;
-                    let Some(open) = self.open.as_mut() else {
-                        return Err(pgoutput::DecodeError::Malformed(
-                            "insert outside a transaction".into(),
-                        )
-                        .into());
+                    let Some(commit_ts_micros) = self.machine.open_commit_ts() else {
+                        return Err(Violation::RowOutsideTransaction.into());
                     };
                     let origin = Origin {
                         lsn: Lsn(wal_start.as_u64()),
-                        commit_ts_micros: open.commit_ts_micros,
+                        commit_ts_micros,
                     };
-                    open.records.push(record(self.ctx, &event, origin));
+                    Input::Row(record::build(
+                        &self.ctx.config,
+                        &self.ctx.schemas,
+                        &event,
+                        origin,
+                    ))
                 }
-                // Updates and deletes are not published; types, origins, truncates and
-                // messages carry nothing for Kafka.
-                _ => {}
+                _ => return Ok(None),
             },
-            ReplicationEvent::Commit { end_lsn, .. } => {
-                let end = Lsn(end_lsn.as_u64());
-                let open = self.open.take().unwrap_or(OpenTx {
-                    commit_ts_micros: 0,
-                    records: Vec::new(),
-                });
-                if end <= self.checkpoint {
-                    // Re-sent after a restart; Kafka has it.
-                    self.ctx
-                        .metrics
-                        .transactions_skipped
-                        .get_or_create(&self.label)
-                        .inc();
-                    if self.batch.records.is_empty() && self.in_flight == 0 {
-                        repl.update_applied_lsn(end_lsn);
-                    }
-                } else if open.records.is_empty()
-                    && self.batch.records.is_empty()
-                    && self.in_flight == 0
-                {
-                    repl.update_applied_lsn(end_lsn);
-                } else {
-                    if !open.records.is_empty() {
-                        self.batch
-                            .commits
-                            .push((open.commit_ts_micros, open.records.len()));
-                        self.batch.records.extend(open.records);
-                        self.batch.first_at.get_or_insert_with(Instant::now);
-                    }
-                    self.batch.last_lsn = Some(end);
-                }
-            }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                // Nothing received is waiting for Kafka: the slot may move to where the server
-                // is, even if only other tables wrote WAL.
-                if self.open.is_none()
-                    && self.batch.records.is_empty()
-                    && self.batch.last_lsn.is_none()
-                    && self.in_flight == 0
-                {
-                    repl.update_applied_lsn(wal_end);
-                }
-            }
-            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::Commit { end_lsn, .. } => Input::Commit {
+                end: Lsn(end_lsn.as_u64()),
+            },
+            ReplicationEvent::KeepAlive { wal_end, .. } => Input::KeepAlive {
+                wal_end: Lsn(wal_end.as_u64()),
+            },
+            ReplicationEvent::Message { .. } => return Ok(None),
             ReplicationEvent::StoppedAt { .. } => return Err(SessionError::StreamEnded),
-        }
-        Ok(())
+        }))
     }
 
-    /// Hands the batch of complete transactions to the sink.
-    async fn hand_over(
+    async fn act(
         &mut self,
-        batches: &tokio::sync::mpsc::Sender<Outgoing<Receipt>>,
+        action: Action<KafkaRecord>,
+        repl: &ReplicationClient,
+        batches: &Batches,
     ) -> Result<(), SessionError> {
-        let Some(upto) = self.batch.last_lsn else {
-            return Ok(());
-        };
-        let batch = std::mem::take(&mut self.batch);
-        let mut per_topic: HashMap<String, u64> = HashMap::new();
-        for r in &batch.records {
-            *per_topic.entry(r.topic.clone()).or_default() += 1;
+        match action {
+            Action::Publish(batch) => {
+                let mut per_topic: HashMap<String, u64> = HashMap::new();
+                for r in &batch.records {
+                    *per_topic.entry(r.topic.clone()).or_default() += 1;
+                }
+                let meta = Receipt {
+                    commits: batch.commits,
+                    per_topic,
+                    events: batch.records.len(),
+                };
+                batches
+                    .send(Outgoing {
+                        records: batch.records,
+                        upto: batch.upto,
+                        meta,
+                    })
+                    .await
+                    .map_err(|_| SinkError::Task("the Kafka pipeline stopped".into()))?;
+            }
+            Action::Acknowledge(lsn) => {
+                repl.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+                self.ctx
+                    .metrics
+                    .confirmed_lsn
+                    .get_or_create(&self.label)
+                    .set(lsn.0 as i64);
+            }
+            Action::Skipped { .. } => {
+                self.ctx
+                    .metrics
+                    .transactions_skipped
+                    .get_or_create(&self.label)
+                    .inc();
+            }
         }
-        let meta = Receipt {
-            commits: batch.commits,
-            per_topic,
-            events: batch.records.len(),
-        };
-        batches
-            .send(Outgoing {
-                records: batch.records,
-                upto,
-                meta,
-            })
-            .await
-            .map_err(|_| SinkError::Task("the Kafka pipeline stopped".into()))?;
-        self.in_flight += 1;
         Ok(())
     }
 
-    /// Kafka holds everything up to `upto`: Postgres may release it.
-    fn acked(&mut self, repl: &ReplicationClient, upto: Lsn, receipt: Receipt, elapsed: Duration) {
-        self.in_flight -= 1;
+    /// Metrics of a batch Kafka acknowledged.
+    fn observe(&self, receipt: Receipt, elapsed: Duration) {
         let metrics = &self.ctx.metrics;
         metrics.kafka_transaction.observe(elapsed.as_secs_f64());
         metrics.batch_events.observe(receipt.events as f64);
-        let mut upto = upto;
-        // Transactions without outbox events that arrived while batches were in flight.
-        if self.in_flight == 0 && self.batch.records.is_empty() {
-            if let Some(lsn) = self.batch.last_lsn.take() {
-                upto = upto.max(lsn);
-            }
-        }
-        repl.update_applied_lsn(pgwire_replication::Lsn(upto.0));
-        self.checkpoint = self.checkpoint.max(upto);
-        metrics
-            .confirmed_lsn
-            .get_or_create(&self.label)
-            .set(upto.0 as i64);
         let now = now_micros();
         for (commit_ts, count) in receipt.commits {
             let latency = (now - commit_ts).max(0) as f64 / 1e6;
@@ -544,86 +472,8 @@ impl Stream<'_> {
                     .inc_by(count);
             }
         }
-        tracing::debug!(source = %self.source.0, events = receipt.events, upto = %upto, "batch acknowledged");
+        tracing::debug!(source = %self.source.0, events = receipt.events, "batch acknowledged");
     }
-}
-
-/// The Kafka record of one outbox event: Avro on its topic, or, when it cannot be encoded, the
-/// raw payload on the dead-letter topic with the reason in a header. Either way it is published
-/// in the same transaction as its neighbours, so nothing is skipped silently.
-fn record(ctx: &RelayContext, event: &OutboxEvent, origin: Origin) -> KafkaRecord {
-    let mut h = headers(event, origin);
-    let reason = match ctx.schemas.get(&event.event_type) {
-        Some((id, schema)) => match encode_payload(&event.payload, *id, schema) {
-            Ok(value) => {
-                let topic = ctx.config.topic(&event.event_type);
-                let span = publish_span(event, origin, &topic, &mut h);
-                return KafkaRecord {
-                    topic,
-                    key: event.aggregate_id.clone(),
-                    value,
-                    headers: h,
-                    span,
-                };
-            }
-            Err(e) => e.to_string(),
-        },
-        None => format!("unknown event type `{}`", event.event_type),
-    };
-    let topic = match ctx.schemas.get(&event.event_type) {
-        Some(_) => schemas::dlq_topic(&ctx.config.topic(&event.event_type)),
-        None => ctx.config.topic(UNKNOWN_EVENT_TYPE_DLQ),
-    };
-    tracing::warn!(event_id = %event.id, event_type = %event.event_type, %reason, %topic, "dead-lettering an outbox event");
-    h.push(("dlq_reason", reason));
-    h.push(("dlq_origin", "cdc-relay".to_string()));
-    let span = publish_span(event, origin, &topic, &mut h);
-    KafkaRecord {
-        topic,
-        key: event.aggregate_id.clone(),
-        value: event.payload.clone().into_bytes(),
-        headers: h,
-        span,
-    }
-}
-
-/// For an event written under a trace: the producer span (semantic conventions for messaging)
-/// that continues it, whose context replaces the `traceparent` header so consumers become its
-/// children. Untraced events get no span: at tens of thousands of events a second, spans
-/// nobody asked for would cost more than the rest of the relay's work per event.
-fn publish_span(
-    event: &OutboxEvent,
-    origin: Origin,
-    topic: &str,
-    headers: &mut [(&'static str, String)],
-) -> Option<tracing::Span> {
-    let parent = event.traceparent.as_deref()?;
-    let span = tracing::info_span!(
-        target: platform::trace::TARGET,
-        "publish",
-        otel.name = format!("send {topic}"),
-        otel.kind = "producer",
-        messaging.system = "kafka",
-        messaging.operation.type = "send",
-        messaging.operation.name = "send",
-        messaging.destination.name = topic,
-        messaging.destination.partition.id = tracing::field::Empty,
-        messaging.kafka.offset = tracing::field::Empty,
-        messaging.kafka.message.key = event.aggregate_id.as_str(),
-        messaging.message.id = event.id.as_str(),
-        kafkify.event_type = event.event_type.as_str(),
-        kafkify.source_lsn = origin.lsn.to_string(),
-        kafkify.commit_ts_micros = origin.commit_ts_micros,
-    );
-    platform::trace::continue_from(&span, Some(parent));
-    if let Some(tp) = platform::trace::traceparent_of(&span, Some(parent)) {
-        for (name, value) in headers.iter_mut() {
-            if *name == "traceparent" {
-                *value = tp.clone();
-            }
-        }
-    }
-    Some(span)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

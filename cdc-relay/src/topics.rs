@@ -8,7 +8,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Config;
-use crate::relay::UNKNOWN_EVENT_TYPE_DLQ;
+use crate::record::UNKNOWN_EVENT_TYPE_DLQ;
 
 /// Every topic the relay may write: one per event type, its dead-letter topic, the topic for
 /// unknown event types, and the compacted checkpoint topic.

@@ -582,7 +582,7 @@ async fn poison_events_are_dead_lettered_and_later_events_flow() {
     let topics = [
         f.topic("resource.created"),
         f.topic("resource.created.dlq"),
-        f.topic(cdc_relay::relay::UNKNOWN_EVENT_TYPE_DLQ),
+        f.topic(cdc_relay::record::UNKNOWN_EVENT_TYPE_DLQ),
     ];
     let got = consume(
         &topics,

@@ -1,0 +1,105 @@
+//! The checkpoint: each source's last commit LSN in Kafka, written in the same Kafka
+//! transaction as the events up to it (`producer.rs` appends it), read back when a session
+//! starts, and the rule that skips what Postgres re-sends at or below it (`machine.rs` applies
+//! it). See docs/ARCHITECTURE.md, "Exactly-once into Kafka".
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use crate::pgoutput::Lsn;
+use crate::producer::SinkError;
+
+/// Reading the checkpoint may have to wait for another producer's transaction on the topic to
+/// end, which the broker guarantees within that producer's transaction timeout plus its
+/// expiry check (`transaction.abort.timed.out.transaction.cleanup.interval.ms`, 10 s).
+const CHECKPOINT_READ_LIMIT: Duration = Duration::from_secs(90);
+
+/// A transaction whose commit LSN is at or below the checkpoint is in Kafka already: a
+/// restarted session drops it when Postgres sends it again.
+pub fn already_published(commit_end: Lsn, checkpoint: Lsn) -> bool {
+    commit_end <= checkpoint
+}
+
+pub fn value(lsn: Lsn) -> String {
+    format!("{{\"lsn\":\"{lsn}\"}}")
+}
+
+/// Parses what [`value`] wrote.
+pub fn parse(value: &str) -> Option<Lsn> {
+    let v: serde_json::Value = serde_json::from_str(value).ok()?;
+    v.get("lsn")?.as_str()?.parse().ok()
+}
+
+pub(crate) fn read(
+    mut base: ClientConfig,
+    topic: &str,
+    key: &str,
+) -> Result<Option<Lsn>, SinkError> {
+    let group = format!("kafkify-relay-checkpoint-{key}");
+    base.set("group.id", group)
+        .set("enable.auto.commit", "false");
+    // The true end of the log, not the last stable offset a read_committed client is told:
+    // every source shares this partition, and another source's open transaction (one a crash
+    // left behind, until that source fences it) keeps the LSO below batches we committed later.
+    // Stopping there would return an older checkpoint and re-publish what came after it.
+    let end: BaseConsumer = base
+        .clone()
+        .set("isolation.level", "read_uncommitted")
+        .create()?;
+    let (_, high) = end.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+    drop(end);
+    let consumer: BaseConsumer = base.set("isolation.level", "read_committed").create()?;
+    if high == 0 {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let start = Instant::now();
+    let mut last = None;
+    loop {
+        // Read until our position passes the high watermark seen at the start: with
+        // read_committed the position also moves past aborted records and markers, and it
+        // gets there once every transaction open at the start has ended.
+        let position = consumer
+            .position()?
+            .find_partition(topic, 0)
+            .and_then(|p| p.offset().to_raw())
+            .unwrap_or(0);
+        if position >= high {
+            return Ok(last);
+        }
+        if start.elapsed() > CHECKPOINT_READ_LIMIT {
+            return Err(SinkError::CheckpointTimeout {
+                topic: topic.to_string(),
+                secs: CHECKPOINT_READ_LIMIT.as_secs(),
+            });
+        }
+        if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
+            let msg = msg?;
+            if msg.key() == Some(key.as_bytes()) {
+                let value = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+                last = Some(parse(&value).ok_or_else(|| SinkError::BadCheckpoint {
+                    key: key.to_string(),
+                    value,
+                })?);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_values_round_trip() {
+        let v = value(Lsn(0x2_0000_00ff));
+        assert_eq!(v, r#"{"lsn":"2/FF"}"#);
+        assert_eq!(parse(&v), Some(Lsn(0x2_0000_00ff)));
+        assert_eq!(parse("garbage"), None);
+        assert_eq!(parse(r#"{"lsn":"nope"}"#), None);
+    }
+}
