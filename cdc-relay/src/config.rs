@@ -70,6 +70,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_BATCH_LINGER", default_value = "5ms", value_parser = platform::config::parse_duration)]
     pub batch_linger: std::time::Duration,
 
+    /// The largest record the relay publishes, framing included; larger events are
+    /// dead-lettered without their payload. Topics the relay creates get it as
+    /// `max.message.bytes`, and existing topics with a lower limit are refused at start-up.
+    /// Default: Kafka's own default `max.message.bytes`.
+    #[arg(long, env = "RELAY_MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES, value_parser = clap::value_parser!(u32).range(16_384..=1_000_000_000))]
+    pub max_record_bytes: u32,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
@@ -79,6 +86,9 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
 }
+
+/// Kafka's default `max.message.bytes` (1 MiB and 12 bytes).
+pub const DEFAULT_MAX_RECORD_BYTES: u32 = 1_048_588;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Delivery {

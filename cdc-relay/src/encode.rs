@@ -217,6 +217,8 @@ pub struct KafkaRecord {
     /// The producer span of a traced event; it ends when the record is dropped, after Kafka
     /// acknowledged (and, exactly once, committed) it.
     pub span: Option<tracing::Span>,
+    /// For a dead letter, why (a `record::reason`), for the dead-letter counter.
+    pub dead_letter: Option<&'static str>,
 }
 
 /// What the transaction around an event tells us.

@@ -13,6 +13,13 @@ pub struct TopicLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabel {
+    pub topic: String,
+    /// One of `record::reason`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
 }
@@ -26,7 +33,7 @@ pub struct ErrorLabel {
 #[derive(Clone)]
 pub struct Metrics {
     pub events_published: Family<TopicLabel, Counter>,
-    pub events_dead_lettered: Family<TopicLabel, Counter>,
+    pub events_dead_lettered: Family<DeadLetterLabel, Counter>,
     pub commit_to_ack: Histogram,
     pub kafka_transaction: Histogram,
     pub batch_events: Histogram,
@@ -60,7 +67,7 @@ impl Metrics {
         );
         registry.register(
             "events_dead_lettered",
-            "Outbox events that could not be encoded and went to the dead-letter topic",
+            "Outbox events committed to a dead-letter topic, by reason: schema, unknown_event_type, too_large",
             m.events_dead_lettered.clone(),
         );
         registry.register(

@@ -98,7 +98,6 @@ impl Sink {
             .set("acks", "all")
             // The relay hands over whole batches at once: waiting for more would only delay.
             .set("linger.ms", "1")
-            .set("batch.size", "1000000")
             .set("compression.type", "lz4")
             // Java clients' partitioner, so keys land where any other producer would put them.
             .set("partitioner", "murmur2_random")
@@ -111,6 +110,9 @@ impl Sink {
             .set("retry.backoff.max.ms", "100")
             // Small control requests (AddPartitionsToTxn, EndTxn) must not wait for Nagle.
             .set("socket.nagle.disable", "true");
+        if config.get("batch.size").is_none() {
+            config.set("batch.size", "1000000");
+        }
         let mut producers = Vec::new();
         match delivery {
             Delivery::AtLeastOnce => producers.push(config.create()?),
@@ -205,6 +207,7 @@ impl Sink {
                                 value: checkpoint::value(batch.upto).into_bytes(),
                                 headers: Vec::new(),
                                 span: None,
+                                dead_letter: None,
                             };
                             // begin_transaction only changes local state; it does not block.
                             producer.begin_transaction()?;

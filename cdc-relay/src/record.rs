@@ -9,48 +9,173 @@ use crate::registry::SchemaCache;
 /// go to `<topic>.dlq`).
 pub const UNKNOWN_EVENT_TYPE_DLQ: &str = "kafkify.unknown.dlq";
 
+/// Why an event went to a dead-letter topic: the `reason` label of the dead-letter counter.
+pub mod reason {
+    /// The payload does not fit its event type's schema (or is not JSON).
+    pub const SCHEMA: &str = "schema";
+    /// No schema is registered for the event type.
+    pub const UNKNOWN_EVENT_TYPE: &str = "unknown_event_type";
+    /// The record would exceed `RELAY_MAX_RECORD_BYTES`.
+    pub const TOO_LARGE: &str = "too_large";
+}
+
+/// What a one-record batch adds to key, value and headers on the wire (record batch v2): the
+/// 61-byte batch header, the record's own fields with their varints at full width (36), and
+/// two length varints per header (10). An upper bound, so a record we accept always fits a
+/// topic whose `max.message.bytes` is our limit.
+const BATCH_OVERHEAD: usize = 61 + 36;
+const HEADER_OVERHEAD: usize = 10;
+
+/// A too-large event's dead letter keeps only identifying fields, each cut to this, so the
+/// dead letter itself always fits (the limit is at least 16 KiB).
+const DEAD_LETTER_FIELD_MAX: usize = 1024;
+
+/// The most bytes `record` can take in a record batch.
+pub fn wire_size(record: &KafkaRecord) -> usize {
+    BATCH_OVERHEAD
+        + record.key.len()
+        + record.value.len()
+        + record
+            .headers
+            .iter()
+            .map(|(k, v)| HEADER_OVERHEAD + k.len() + v.len())
+            .sum::<usize>()
+}
+
 /// The Kafka record of one outbox event: Avro on its topic, or, when it cannot be encoded, the
-/// raw payload on the dead-letter topic with the reason in a header. Either way it is published
-/// in the same transaction as its neighbours, so nothing is skipped silently.
+/// raw payload on the dead-letter topic with the reason in a header; when either would exceed
+/// the record limit, a dead letter without the payload (see [`too_large`]). Every way, it is
+/// published in the same transaction as its neighbours, so nothing is skipped silently and
+/// nothing stops the source.
 pub fn build(
     config: &Config,
     schemas: &SchemaCache,
+    source: &str,
     event: &OutboxEvent,
     origin: Origin,
 ) -> KafkaRecord {
     let mut h = headers(event, origin);
-    let reason = match schemas.get(&event.event_type) {
+    let (topic, value, dead_letter) = match schemas.get(&event.event_type) {
         Some((id, schema)) => match encode_payload(&event.payload, *id, schema) {
-            Ok(value) => {
-                let topic = config.topic(&event.event_type);
-                let span = publish_span(event, origin, &topic, &mut h);
-                return KafkaRecord {
+            Ok(value) => (config.topic(&event.event_type), value, None),
+            Err(e) => {
+                h.push(("dlq_reason", e.to_string()));
+                let topic = schemas::dlq_topic(&config.topic(&event.event_type));
+                (
                     topic,
-                    key: event.aggregate_id.clone(),
-                    value,
-                    headers: h,
-                    span,
-                };
+                    event.payload.clone().into_bytes(),
+                    Some(reason::SCHEMA),
+                )
             }
-            Err(e) => e.to_string(),
         },
-        None => format!("unknown event type `{}`", event.event_type),
+        None => {
+            h.push((
+                "dlq_reason",
+                format!("unknown event type `{}`", event.event_type),
+            ));
+            let topic = config.topic(UNKNOWN_EVENT_TYPE_DLQ);
+            let value = event.payload.clone().into_bytes();
+            (topic, value, Some(reason::UNKNOWN_EVENT_TYPE))
+        }
     };
-    let topic = match schemas.get(&event.event_type) {
-        Some(_) => schemas::dlq_topic(&config.topic(&event.event_type)),
-        None => config.topic(UNKNOWN_EVENT_TYPE_DLQ),
-    };
-    tracing::warn!(event_id = %event.id, event_type = %event.event_type, %reason, %topic, "dead-lettering an outbox event");
-    h.push(("dlq_reason", reason));
-    h.push(("dlq_origin", "cdc-relay".to_string()));
-    let span = publish_span(event, origin, &topic, &mut h);
-    KafkaRecord {
+    if dead_letter.is_some() {
+        h.push(("dlq_origin", "cdc-relay".to_string()));
+    }
+    let mut record = KafkaRecord {
         topic,
         key: event.aggregate_id.clone(),
-        value: event.payload.clone().into_bytes(),
+        value,
         headers: h,
-        span,
+        span: None,
+        dead_letter,
+    };
+    let size = wire_size(&record);
+    let limit = config.max_record_bytes as usize;
+    if size > limit {
+        let topic = match record.dead_letter {
+            Some(_) => record.topic,
+            None => schemas::dlq_topic(&record.topic),
+        };
+        record = too_large(config, source, event, origin, topic, size);
     }
+    if let Some(reason) = record.dead_letter {
+        let detail = record
+            .headers
+            .iter()
+            .find(|(k, _)| *k == "dlq_reason")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        tracing::warn!(
+            source,
+            event_id = %event.id,
+            event_type = %event.event_type,
+            lsn = %origin.lsn,
+            size,
+            reason,
+            detail,
+            topic = %record.topic,
+            "dead-lettering an outbox event"
+        );
+    }
+    record.span = publish_span(event, origin, &record.topic, &mut record.headers);
+    record
+}
+
+/// The dead letter of an event whose record would exceed `RELAY_MAX_RECORD_BYTES`: on its
+/// type's dead-letter topic (or the unknown-type one), with what an operator needs to find
+/// the row (it stays in the outbox table for `OUTBOX_RETENTION`) and no payload.
+fn too_large(
+    config: &Config,
+    source: &str,
+    event: &OutboxEvent,
+    origin: Origin,
+    topic: String,
+    size: usize,
+) -> KafkaRecord {
+    let cut = |s: &str| cut_to(s, DEAD_LETTER_FIELD_MAX).to_string();
+    let mut headers = vec![
+        ("event_id", cut(&event.id)),
+        ("event_type", cut(&event.event_type)),
+        ("aggregate_type", cut(&event.aggregate_type)),
+        ("aggregate_id", cut(&event.aggregate_id)),
+        ("source", source.to_string()),
+        ("source_lsn", origin.lsn.to_string()),
+        ("commit_ts", origin.commit_ts_micros.to_string()),
+        ("dlq_reason", reason::TOO_LARGE.to_string()),
+        (
+            "dlq_detail",
+            format!(
+                "the record would take {size} bytes; RELAY_MAX_RECORD_BYTES is {}",
+                config.max_record_bytes
+            ),
+        ),
+        ("dlq_size", size.to_string()),
+        ("dlq_payload", "omitted".to_string()),
+        ("dlq_origin", "cdc-relay".to_string()),
+    ];
+    if let Some(tp) = &event.traceparent {
+        headers.push(("traceparent", cut(tp)));
+    }
+    KafkaRecord {
+        topic,
+        key: cut(&event.aggregate_id),
+        value: Vec::new(),
+        headers,
+        span: None,
+        dead_letter: Some(reason::TOO_LARGE),
+    }
+}
+
+/// The longest prefix of `s` within `max` bytes that ends on a character boundary.
+fn cut_to(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// For an event written under a trace: the producer span (semantic conventions for messaging)
@@ -90,4 +215,121 @@ fn publish_span(
         }
     }
     Some(span)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::Lsn;
+    use clap::Parser;
+
+    const LIMIT: usize = 16_384;
+
+    fn config() -> Config {
+        Config::try_parse_from([
+            "cdc-relay",
+            "--database-url",
+            "postgres://relay@localhost/x",
+            "--topic-prefix",
+            "p.",
+            "--max-record-bytes",
+            &LIMIT.to_string(),
+        ])
+        .unwrap()
+    }
+
+    fn event(event_type: &str, aggregate_id: &str, payload: String) -> OutboxEvent {
+        OutboxEvent {
+            id: "0191e0d6-0000-7000-8000-000000000001".into(),
+            aggregate_type: "resource".into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload,
+            traceparent: None,
+        }
+    }
+
+    /// A valid `resource.created` payload whose description is `n` bytes.
+    fn created(n: usize) -> String {
+        serde_json::json!({
+            "resource_id": "0191e0d6-0000-7000-8000-000000000002",
+            "name": "n",
+            "description": "d".repeat(n),
+            "attributes": {},
+            "version": 1,
+            "created_at": 1_700_000_000_000_000i64,
+        })
+        .to_string()
+    }
+
+    const ORIGIN: Origin = Origin {
+        lsn: Lsn(0x1_0000_0010),
+        commit_ts_micros: 1_700_000_000_000_000,
+    };
+
+    fn build_one(e: &OutboxEvent) -> KafkaRecord {
+        build(&config(), &SchemaCache::unregistered(), "rest", e, ORIGIN)
+    }
+
+    #[test]
+    fn a_record_exactly_at_the_limit_is_published_one_byte_more_is_dead_lettered() {
+        // Find the description length whose record takes exactly the limit.
+        let probe = build_one(&event("resource.created", "k", created(0)));
+        assert_eq!(probe.dead_letter, None);
+        let base = wire_size(&probe);
+        // The description's Avro length (a zigzag varint) takes 3 bytes at this size, not 1.
+        let n = LIMIT - base - 2;
+        let at = build_one(&event("resource.created", "k", created(n)));
+        assert_eq!(wire_size(&at), LIMIT);
+        assert_eq!(
+            (at.topic.as_str(), at.dead_letter),
+            ("p.resource.created", None)
+        );
+
+        let over = build_one(&event("resource.created", "k", created(n + 1)));
+        assert_eq!(over.topic, "p.resource.created.dlq");
+        assert_eq!(over.dead_letter, Some(reason::TOO_LARGE));
+        assert!(over.value.is_empty());
+        let h: std::collections::HashMap<_, _> = over.headers.iter().cloned().collect();
+        assert_eq!(h["dlq_reason"], "too_large");
+        assert_eq!(h["dlq_size"], (LIMIT + 1).to_string());
+        assert_eq!(h["source"], "rest");
+        assert_eq!(h["source_lsn"], "1/10");
+        assert_eq!(h["dlq_payload"], "omitted");
+    }
+
+    #[test]
+    fn a_dead_letter_that_would_be_too_large_keeps_its_topic_and_loses_its_payload() {
+        let bad = event(
+            "resource.created",
+            "k",
+            format!("[\"{}\"]", "x".repeat(LIMIT)),
+        );
+        let r = build_one(&bad);
+        assert_eq!(r.topic, "p.resource.created.dlq");
+        assert_eq!(r.dead_letter, Some(reason::TOO_LARGE));
+
+        let unknown = event(
+            "resource.exploded",
+            "k",
+            format!("\"{}\"", "x".repeat(LIMIT)),
+        );
+        let r = build_one(&unknown);
+        assert_eq!(r.topic, format!("p.{UNKNOWN_EVENT_TYPE_DLQ}"));
+        assert_eq!(r.dead_letter, Some(reason::TOO_LARGE));
+
+        let small = build_one(&event("resource.exploded", "k", "{}".into()));
+        assert_eq!(small.dead_letter, Some(reason::UNKNOWN_EVENT_TYPE));
+        assert_eq!(small.value, b"{}");
+    }
+
+    #[test]
+    fn the_dead_letter_of_huge_identifiers_still_fits() {
+        // A 3-byte character straddles the cut: it must not be split.
+        let key = "€".repeat(LIMIT);
+        let r = build_one(&event("resource.created", &key, created(0)));
+        assert_eq!(r.dead_letter, Some(reason::TOO_LARGE));
+        assert!(wire_size(&r) <= LIMIT, "{}", wire_size(&r));
+        assert_eq!(r.key, "€".repeat(DEAD_LETTER_FIELD_MAX / 3));
+    }
 }

@@ -55,6 +55,17 @@ impl SchemaCache {
         Ok(SchemaCache { by_event_type })
     }
 
+    /// Every event type's schema with made-up ids, for tests that never reach a registry.
+    #[cfg(test)]
+    pub(crate) fn unregistered() -> SchemaCache {
+        let by_event_type = schemas::EVENT_TYPES
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (*t, (SchemaId(i as u32 + 1), schemas::schema(t).unwrap())))
+            .collect();
+        SchemaCache { by_event_type }
+    }
+
     /// `None` for an event type Kafkify does not know.
     pub fn get(&self, event_type: &str) -> Option<&(SchemaId, Schema)> {
         self.by_event_type.get(event_type)

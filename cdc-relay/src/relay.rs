@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Identifier};
 use crate::encode::{KafkaRecord, Origin};
 use crate::machine::{Action, Input, Limits, Machine, Violation};
-use crate::metrics::{Metrics, SourceLabel, TopicLabel};
+use crate::metrics::{DeadLetterLabel, Metrics, SourceLabel, TopicLabel};
 use crate::outbox::{OutboxColumns, OutboxError};
 use crate::pgoutput::{self, Lsn, Message, PG_EPOCH_OFFSET_MICROS};
 use crate::producer::{Outgoing, Progress, Sink, SinkError};
@@ -232,9 +232,18 @@ async fn session(
 
     // Only now, holding the slot, may this process fence the previous producer.
     let kafka = || {
-        config
+        let mut c = config
             .kafka
-            .client_config(&format!("cdc-relay-{}", source.0))
+            .client_config(&format!("cdc-relay-{}", source.0));
+        // librdkafka refuses a record above message.max.bytes (1,000,000 by default, below
+        // Kafka's own limit); record.rs keeps every record within ours. A batch of small
+        // records must fit the topic's limit too.
+        let limit = config.max_record_bytes;
+        c.set("message.max.bytes", limit.to_string()).set(
+            "batch.size",
+            limit.saturating_sub(1024).min(1_000_000).to_string(),
+        );
+        c
     };
     let sink = Sink::create(kafka(), config.delivery, &config.checkpoint_topic, &slot).await?;
     let checkpoint = sink.read_checkpoint(kafka()).await?;
@@ -273,7 +282,8 @@ struct Stream<'a> {
 struct Receipt {
     /// (commit time, events) of each transaction in the batch, for the latency histogram.
     commits: Vec<(i64, usize)>,
-    per_topic: HashMap<String, u64>,
+    /// Events per (topic, dead-letter reason; `None` when published on their own topic).
+    per_topic: HashMap<(String, Option<&'static str>), u64>,
     events: usize,
 }
 
@@ -385,6 +395,7 @@ impl Stream<'_> {
                     Input::Row(record::build(
                         &self.ctx.config,
                         &self.ctx.schemas,
+                        &self.source.0,
                         &event,
                         origin,
                     ))
@@ -410,9 +421,11 @@ impl Stream<'_> {
     ) -> Result<(), SessionError> {
         match action {
             Action::Publish(batch) => {
-                let mut per_topic: HashMap<String, u64> = HashMap::new();
+                let mut per_topic: HashMap<_, u64> = HashMap::new();
                 for r in &batch.records {
-                    *per_topic.entry(r.topic.clone()).or_default() += 1;
+                    *per_topic
+                        .entry((r.topic.clone(), r.dead_letter))
+                        .or_default() += 1;
                 }
                 let meta = Receipt {
                     commits: batch.commits,
@@ -459,18 +472,17 @@ impl Stream<'_> {
                 metrics.commit_to_ack.observe(latency);
             }
         }
-        for (topic, count) in receipt.per_topic {
-            if topic.ends_with(".dlq") {
-                metrics
+        for ((topic, dead_letter), count) in receipt.per_topic {
+            match dead_letter {
+                Some(reason) => metrics
                     .events_dead_lettered
-                    .get_or_create(&TopicLabel { topic })
-                    .inc_by(count);
-            } else {
-                metrics
+                    .get_or_create(&DeadLetterLabel { topic, reason })
+                    .inc_by(count),
+                None => metrics
                     .events_published
                     .get_or_create(&TopicLabel { topic })
-                    .inc_by(count);
-            }
+                    .inc_by(count),
+            };
         }
         tracing::debug!(source = %self.source.0, events = receipt.events, "batch acknowledged");
     }

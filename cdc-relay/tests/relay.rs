@@ -617,10 +617,131 @@ async fn poison_events_are_dead_lettered_and_later_events_flow() {
     let (_, metrics) = relay.get("/metrics").await;
     assert!(
         metrics.contains(&format!(
-            "kafkify_cdc_relay_events_dead_lettered_total{{topic=\"{}\"}} 1",
+            "kafkify_cdc_relay_events_dead_lettered_total{{topic=\"{}\",reason=\"schema\"}} 1",
             topics[1]
         )),
         "{metrics}"
+    );
+    drop(relay);
+    f.cleanup().await;
+}
+
+/// A `resource.created` row whose description is `bytes` long: valid for its schema.
+fn created_with_description(key: &str, bytes: usize) -> (Uuid, String, &'static str, String) {
+    let mut row = created(Uuid::new_v4(), key, 1);
+    let mut payload: serde_json::Value = serde_json::from_str(&row.3).unwrap();
+    payload["description"] = serde_json::Value::String("d".repeat(bytes));
+    row.3 = payload.to_string();
+    row
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_events_are_dead_lettered_without_their_payload_and_later_events_flow() {
+    // A limit above Kafka's default, so a 1.2 MB event proves the producer and the topics the
+    // relay creates take what the setting says.
+    const LIMIT: usize = 1_500_000;
+    let f = Fixture::new().await;
+    let mut relay = Service::spawn(
+        BIN,
+        &f.env_with(&[("RELAY_MAX_RECORD_BYTES", &LIMIT.to_string())]),
+    );
+    relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+    let owner = f.db.owner().await;
+    let before = created(Uuid::new_v4(), "o1", 1);
+    let under = created_with_description("o2", 1_200_000);
+    // Fits its schema, but its Avro record does not fit the limit.
+    let over = created_with_description("o3", 2 << 20);
+    // An unknown type: even its dead letter with the payload would not fit.
+    let huge = (
+        Uuid::new_v4(),
+        "o4".to_string(),
+        "resource.exploded",
+        serde_json::json!({ "blob": "y".repeat(20 << 20) }).to_string(),
+    );
+    let after = created(Uuid::new_v4(), "o5", 5);
+    for row in [&before, &under, &over, &huge, &after] {
+        insert(&owner, row).await;
+    }
+    let topics = [
+        f.topic("resource.created"),
+        f.topic("resource.created.dlq"),
+        f.topic(cdc_relay::record::UNKNOWN_EVENT_TYPE_DLQ),
+    ];
+    let got = consume(
+        &topics,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |r| r.len() >= 5,
+    )
+    .await;
+    assert_eq!(
+        got.len(),
+        5,
+        "each event once: {:?}",
+        got.iter()
+            .map(|r| (&r.topic, r.event_id()))
+            .collect::<Vec<_>>()
+    );
+    let by_id: HashMap<String, &Received> = got.iter().map(|r| (r.event_id(), r)).collect();
+
+    for row in [&before, &after] {
+        assert_eq!(by_id[&row.0.to_string()].topic, topics[0]);
+    }
+    let published = by_id[&under.0.to_string()];
+    assert_eq!(published.topic, topics[0]);
+    assert_eq!(
+        published.field("description"),
+        Value::String("d".repeat(1_200_000)),
+        "a record under the limit arrives whole"
+    );
+
+    for (row, topic, least) in [(&over, &topics[1], 2 << 20), (&huge, &topics[2], 20 << 20)] {
+        let dead = by_id[&row.0.to_string()];
+        assert_eq!(&dead.topic, topic);
+        let h = &dead.headers;
+        assert_eq!(h["dlq_reason"], "too_large");
+        assert_eq!(h["dlq_payload"], "omitted");
+        assert!(dead.raw.is_empty(), "the payload is left out");
+        let size: usize = h["dlq_size"].parse().unwrap();
+        assert!(size > least && size > LIMIT, "dlq_size {size}");
+        assert!(
+            h["dlq_detail"].contains("RELAY_MAX_RECORD_BYTES is 1500000"),
+            "{h:?}"
+        );
+        assert_eq!(h["event_type"], row.2);
+        assert_eq!(h["aggregate_id"], row.1);
+        assert_eq!(dead.key, row.1);
+        assert_eq!(h["source"], f.db.name);
+        assert!(h["source_lsn"].contains('/'), "{h:?}");
+        assert!(h["commit_ts"].parse::<i64>().unwrap() > 0);
+    }
+
+    let (_, metrics) = relay.get("/metrics").await;
+    for topic in &topics[1..] {
+        assert!(
+            metrics.contains(&format!(
+                "kafkify_cdc_relay_events_dead_lettered_total{{topic=\"{topic}\",reason=\"too_large\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+
+    // The topics it created carry the limit.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        stack().kafka_config().create().unwrap();
+    let described = admin
+        .describe_configs(
+            &[rdkafka::admin::ResourceSpecifier::Topic(&topics[0])],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let config = described.into_iter().next().unwrap().unwrap();
+    assert_eq!(
+        config
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref()),
+        Some("1500000")
     );
     drop(relay);
     f.cleanup().await;
