@@ -14,7 +14,9 @@ use crate::producer::SinkError;
 /// Reading the checkpoint may have to wait for another producer's transaction on the topic to
 /// end, which the broker guarantees within that producer's transaction timeout plus its
 /// expiry check (`transaction.abort.timed.out.transaction.cleanup.interval.ms`, 10 s).
-const CHECKPOINT_READ_LIMIT: Duration = Duration::from_secs(90);
+pub fn read_limit(transaction_timeout: Duration) -> Duration {
+    transaction_timeout + Duration::from_secs(30)
+}
 
 /// A transaction whose commit LSN is at or below the checkpoint is in Kafka already: a
 /// restarted session drops it when Postgres sends it again.
@@ -36,6 +38,7 @@ pub(crate) fn read(
     mut base: ClientConfig,
     topic: &str,
     key: &str,
+    limit: Duration,
 ) -> Result<Option<Lsn>, SinkError> {
     let group = format!("kafkify-relay-checkpoint-{key}");
     base.set("group.id", group)
@@ -71,10 +74,10 @@ pub(crate) fn read(
         if position >= high {
             return Ok(last);
         }
-        if start.elapsed() > CHECKPOINT_READ_LIMIT {
+        if start.elapsed() > limit {
             return Err(SinkError::CheckpointTimeout {
                 topic: topic.to_string(),
-                secs: CHECKPOINT_READ_LIMIT.as_secs(),
+                secs: limit.as_secs(),
             });
         }
         if let Some(msg) = consumer.poll(Duration::from_millis(200)) {

@@ -77,6 +77,18 @@ pub struct Config {
     #[arg(long, env = "RELAY_MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES, value_parser = clap::value_parser!(u32).range(16_384..=1_000_000_000))]
     pub max_record_bytes: u32,
 
+    /// Bytes of records a source holds on their way to Kafka (librdkafka's queues and the
+    /// relay's chunks): what bounds the relay's memory for a Postgres transaction of any size.
+    /// At least twice RELAY_MAX_RECORD_BYTES.
+    #[arg(long, env = "RELAY_BUFFER_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=1 << 40))]
+    pub buffer_bytes: u64,
+
+    /// The Kafka transaction timeout (`transaction.timeout.ms`). A Postgres transaction is
+    /// published in one Kafka transaction, so one that takes longer to stream is refused,
+    /// with a message naming this setting. At most the brokers' transaction.max.timeout.ms.
+    #[arg(long, env = "RELAY_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = platform::config::parse_duration)]
+    pub transaction_timeout: std::time::Duration,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
@@ -170,6 +182,21 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = self.sources.iter().find(|s| !seen.insert(&s.0)) {
             return Err(format!("RELAY_SOURCES: `{}` is listed twice", dup.0));
+        }
+        if self.buffer_bytes < 2 * u64::from(self.max_record_bytes) + (2 << 10) {
+            return Err(format!(
+                "RELAY_BUFFER_BYTES ({}) must be at least twice RELAY_MAX_RECORD_BYTES ({}) and \
+                 2 KiB more: each of a source's two producers must hold the largest record",
+                self.buffer_bytes, self.max_record_bytes
+            ));
+        }
+        let timeout = self.transaction_timeout;
+        if timeout < std::time::Duration::from_secs(1)
+            || timeout > std::time::Duration::from_secs(3600)
+        {
+            return Err(format!(
+                "RELAY_TRANSACTION_TIMEOUT: {timeout:?} is outside 1 s … 1 h"
+            ));
         }
         Ok(())
     }

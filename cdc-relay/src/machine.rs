@@ -19,96 +19,128 @@ use std::time::{Duration, Instant};
 use crate::checkpoint;
 use crate::pgoutput::Lsn;
 
-/// When a batch of whole transactions is handed to the sink.
+/// How Kafka transactions are cut and how much is held before it is sent.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// A batch this large goes at once, and reading stops until the sink takes it.
+    /// A Kafka transaction holding this many events is committed at the next boundary between
+    /// Postgres transactions; until then, reading stops there.
     pub max_events: usize,
-    /// Otherwise a batch goes this long after its first event arrived.
+    /// Otherwise it is committed this long after its first whole Postgres transaction.
     pub linger: Duration,
+    /// Rows are sent to Kafka in chunks of at most this many…
+    pub chunk_events: usize,
+    /// …or this many bytes, so a Postgres transaction of any size is never held whole.
+    pub chunk_bytes: usize,
+    /// A Kafka transaction open this long is refused: the broker would abort it.
+    pub transaction_timeout: Duration,
 }
 
 /// What the relay reads from Postgres or hears from the sink.
 #[derive(Debug)]
 pub enum Input<R> {
-    /// A transaction starts; Postgres sends it whole, after it committed.
-    Begin { commit_ts_micros: i64 },
-    /// One outbox row of the open transaction, already turned into its record.
-    Row(R),
+    /// A transaction starts; Postgres sends it after it committed. `final_lsn` is where its
+    /// commit record starts.
+    Begin {
+        final_lsn: Lsn,
+        commit_ts_micros: i64,
+    },
+    /// One outbox row of the open transaction, already turned into its record of `bytes`.
+    Row { record: R, bytes: usize },
     /// The open transaction ends at `end`.
     Commit { end: Lsn },
     /// The server has sent everything before `wal_end`.
     KeepAlive { wal_end: Lsn },
-    /// The sink takes the next batch.
+    /// The sink can commit the next Kafka transaction at once.
     SinkReady,
-    /// Kafka committed the oldest batch in flight, which ended at `upto`.
+    /// Kafka committed the oldest transaction in flight, which ended at `upto`.
     Acked { upto: Lsn },
     /// Time passed (a linger may have ended).
     Tick,
-    /// Stop reading: publish what is complete, regardless of the linger.
+    /// Stop reading: commit what is whole, regardless of the linger.
     Drain,
 }
 
 /// What the relay must do, in order.
 #[derive(Debug, PartialEq)]
 pub enum Action<R> {
-    /// Send these whole transactions as one Kafka transaction, with the checkpoint `upto`.
-    Publish(Batch<R>),
+    /// Send these records into the open Kafka transaction (the first opens one).
+    Append(Vec<R>),
+    /// Commit the open Kafka transaction with the checkpoint `upto`.
+    Commit(Closing),
+    /// Drop the open Kafka transaction: the session stops inside a Postgres transaction whose
+    /// first rows are in it.
+    Abort,
     /// Postgres may release WAL before this position.
     Acknowledge(Lsn),
     /// A transaction Kafka already has (at or below the checkpoint) was dropped.
     Skipped { end: Lsn },
 }
 
-/// Whole Postgres transactions for one Kafka transaction.
+/// A Kafka transaction being committed.
 #[derive(Debug, PartialEq)]
-pub struct Batch<R> {
-    pub records: Vec<R>,
-    /// The commit LSN of the last transaction: the checkpoint written with the batch.
+pub struct Closing {
+    /// The commit LSN of its last Postgres transaction: the checkpoint written with it.
     pub upto: Lsn,
-    /// (commit time, events) of each transaction, for the latency histogram.
+    /// (commit time, events) of each Postgres transaction in it, for the latency histogram.
     pub commits: Vec<(i64, usize)>,
+    pub events: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
     #[error("an insert arrived outside a transaction")]
     RowOutsideTransaction,
-    #[error("an acknowledgement from Kafka arrived with no batch in flight")]
+    #[error("an acknowledgement from Kafka arrived with no transaction in flight")]
     AckWithoutBatch,
+    #[error(
+        "a Kafka transaction has been open for {secs} s, the transaction timeout, inside the \
+         Postgres transaction that commits at {final_lsn} ({events} events so far): raise \
+         RELAY_TRANSACTION_TIMEOUT (at most the brokers' transaction.max.timeout.ms)"
+    )]
+    TransactionTimeout {
+        secs: u64,
+        final_lsn: Lsn,
+        events: usize,
+    },
 }
 
-struct Open<R> {
+/// The Postgres transaction being received.
+struct OpenTx {
+    final_lsn: Lsn,
     commit_ts_micros: i64,
-    records: Vec<R>,
+    /// Kafka has it already (a restart re-sends it): its rows are dropped.
+    skip: bool,
+    events: usize,
+    /// Some of its rows are in the open Kafka transaction, which therefore cannot commit
+    /// before this transaction's Commit.
+    appended: bool,
 }
 
-struct Pending<R> {
-    records: Vec<R>,
+/// The Kafka transaction being filled.
+#[derive(Default)]
+struct Filling {
+    /// Events of whole Postgres transactions in it.
+    events: usize,
     commits: Vec<(i64, usize)>,
-    /// The commit LSN of the last complete transaction, with or without events.
-    last_lsn: Option<Lsn>,
+    /// The commit LSN of the last whole Postgres transaction since the last Kafka commit,
+    /// with or without events.
+    upto: Option<Lsn>,
+    /// When its first whole Postgres transaction with events arrived: the linger's start.
     first_at: Option<Instant>,
-}
-
-impl<R> Default for Pending<R> {
-    fn default() -> Self {
-        Pending {
-            records: Vec::new(),
-            commits: Vec::new(),
-            last_lsn: None,
-            first_at: None,
-        }
-    }
+    /// When its first record was sent: the broker's transaction timeout runs from there.
+    opened_at: Option<Instant>,
 }
 
 pub struct Machine<R> {
     limits: Limits,
     /// Kafka holds every transaction committed at or below this LSN.
     checkpoint: Lsn,
-    open: Option<Open<R>>,
-    pending: Pending<R>,
-    /// Batches published and not yet acknowledged by Kafka.
+    open: Option<OpenTx>,
+    /// Rows of the open Postgres transaction not yet sent.
+    chunk: Vec<R>,
+    chunk_bytes: usize,
+    filling: Filling,
+    /// Kafka transactions committing, not yet acknowledged.
     in_flight: usize,
     sink_ready: bool,
     draining: bool,
@@ -121,62 +153,97 @@ impl<R> Machine<R> {
             limits,
             checkpoint,
             open: None,
-            pending: Pending::default(),
+            chunk: Vec::new(),
+            chunk_bytes: 0,
+            filling: Filling::default(),
             in_flight: 0,
             sink_ready: false,
             draining: false,
         }
     }
 
-    /// False while a full batch waits for the sink: Postgres holds the rest meanwhile.
+    /// False while a full Kafka transaction waits at a boundary for the sink, and once
+    /// draining: Postgres holds the rest meanwhile.
     pub fn wants_input(&self) -> bool {
-        !self.draining && self.pending.records.len() < self.limits.max_events
+        let mid_transaction = self.open.as_ref().is_some_and(|o| o.appended);
+        !self.draining && (mid_transaction || self.filling.events < self.limits.max_events)
     }
 
-    /// When a [`Input::Tick`] may publish the waiting batch; `None` when only another input
-    /// can change anything.
+    /// When a [`Input::Tick`] may change something: a linger ends, or the transaction timeout.
     pub fn deadline(&self) -> Option<Instant> {
-        let first = self.pending.first_at?;
-        if !self.sink_ready {
-            None
-        } else if self.draining || self.pending.records.len() >= self.limits.max_events {
-            Some(first)
+        let commit = if self.can_commit() {
+            let first = self.filling.first_at.expect("events imply a first");
+            if self.draining || self.filling.events >= self.limits.max_events {
+                Some(first)
+            } else {
+                Some(first + self.limits.linger)
+            }
         } else {
-            Some(first + self.limits.linger)
+            None
+        };
+        let timeout = self
+            .filling
+            .opened_at
+            .map(|t| t + self.limits.transaction_timeout);
+        match (commit, timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    /// After [`Input::Drain`]: true once everything complete is acknowledged by Kafka.
+    /// After [`Input::Drain`]: true once everything whole is acknowledged by Kafka.
     pub fn drained(&self) -> bool {
-        self.pending.records.is_empty() && self.in_flight == 0
+        self.filling.events == 0 && self.in_flight == 0
     }
 
-    /// The commit time of the transaction being received, if one is.
+    /// The commit time of the transaction being received, if one is and its rows are wanted
+    /// (not already in Kafka).
     pub fn open_commit_ts(&self) -> Option<i64> {
         self.open.as_ref().map(|o| o.commit_ts_micros)
+    }
+
+    /// True while the open transaction is one Kafka has: its rows need not be built.
+    pub fn skipping(&self) -> bool {
+        self.open.as_ref().is_some_and(|o| o.skip)
     }
 
     pub fn on(&mut self, input: Input<R>, now: Instant) -> Result<Vec<Action<R>>, Violation> {
         let mut out = Vec::new();
         match input {
-            Input::Begin { commit_ts_micros } => {
-                self.open = Some(Open {
+            Input::Begin {
+                final_lsn,
+                commit_ts_micros,
+            } => {
+                self.open = Some(OpenTx {
+                    final_lsn,
                     commit_ts_micros,
-                    records: Vec::new(),
+                    skip: checkpoint::already_published(final_lsn, self.checkpoint),
+                    events: 0,
+                    appended: false,
                 });
             }
-            Input::Row(record) => match self.open.as_mut() {
-                Some(open) => open.records.push(record),
-                None => return Err(Violation::RowOutsideTransaction),
-            },
+            Input::Row { record, bytes } => {
+                let open = self.open.as_mut().ok_or(Violation::RowOutsideTransaction)?;
+                if !open.skip {
+                    open.events += 1;
+                    self.chunk.push(record);
+                    self.chunk_bytes += bytes;
+                    if self.chunk.len() >= self.limits.chunk_events
+                        || self.chunk_bytes >= self.limits.chunk_bytes
+                    {
+                        open.appended = true;
+                        self.send_chunk(now, &mut out);
+                    }
+                }
+            }
             Input::Commit { end } => self.commit(end, now, &mut out),
             Input::KeepAlive { wal_end } => {
                 // Nothing received waits for Kafka: the slot may move to where the server is,
                 // even if only other tables wrote WAL. Inside a transaction the server's
                 // position may already be past its commit, so not then.
                 if self.open.is_none()
-                    && self.pending.records.is_empty()
-                    && self.pending.last_lsn.is_none()
+                    && self.filling.events == 0
+                    && self.filling.upto.is_none()
                     && self.in_flight == 0
                 {
                     out.push(Action::Acknowledge(wal_end));
@@ -187,39 +254,69 @@ impl<R> Machine<R> {
             Input::Tick => {}
             Input::Drain => {
                 // A half-received transaction is left for the next session: Postgres re-sends
-                // it from the acknowledged position.
+                // it from the acknowledged position. If its first rows are in the open Kafka
+                // transaction, that transaction is dropped with them; the whole transactions
+                // in it are sent again too, as nothing of them was acknowledged.
                 self.draining = true;
-                self.open = None;
+                self.chunk.clear();
+                if self.open.take().is_some_and(|o| o.appended) {
+                    out.push(Action::Abort);
+                    self.filling = Filling::default();
+                }
             }
         }
-        self.publish_if_due(now, &mut out);
+        if let Some(opened) = self.filling.opened_at {
+            if now >= opened + self.limits.transaction_timeout {
+                return Err(Violation::TransactionTimeout {
+                    secs: self.limits.transaction_timeout.as_secs(),
+                    final_lsn: self.open.as_ref().map(|o| o.final_lsn).unwrap_or_default(),
+                    events: self.filling.events
+                        + self.open.as_ref().map(|o| o.events).unwrap_or_default(),
+                });
+            }
+        }
+        self.commit_if_due(now, &mut out);
         Ok(out)
     }
 
+    fn send_chunk(&mut self, now: Instant, out: &mut Vec<Action<R>>) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        self.filling.opened_at.get_or_insert(now);
+        self.chunk_bytes = 0;
+        out.push(Action::Append(std::mem::take(&mut self.chunk)));
+    }
+
     fn commit(&mut self, end: Lsn, now: Instant, out: &mut Vec<Action<R>>) {
-        let open = self.open.take().unwrap_or(Open {
+        let open = self.open.take().unwrap_or(OpenTx {
+            final_lsn: end,
             commit_ts_micros: 0,
-            records: Vec::new(),
+            skip: checkpoint::already_published(end, self.checkpoint),
+            events: 0,
+            appended: false,
         });
-        let idle = self.pending.records.is_empty() && self.in_flight == 0;
-        if checkpoint::already_published(end, self.checkpoint) {
+        let idle = self.filling.events == 0 && self.in_flight == 0;
+        if open.skip {
             // Re-sent after a restart; Kafka has it.
             out.push(Action::Skipped { end });
-            if idle {
+            if idle && self.filling.upto.is_none() {
                 out.push(Action::Acknowledge(end));
             }
-        } else if open.records.is_empty() && idle {
+        } else if open.events == 0 && idle {
             out.push(Action::Acknowledge(end));
         } else {
-            if !open.records.is_empty() {
-                self.pending
+            // Its last rows go now.
+            self.send_chunk(now, out);
+            if open.events > 0 {
+                self.filling
                     .commits
-                    .push((open.commit_ts_micros, open.records.len()));
-                self.pending.records.extend(open.records);
-                self.pending.first_at.get_or_insert(now);
+                    .push((open.commit_ts_micros, open.events));
+                self.filling.events += open.events;
+                self.filling.first_at.get_or_insert(now);
             }
-            // An event-less transaction behind a batch is acknowledged with that batch.
-            self.pending.last_lsn = Some(end);
+            // An event-less transaction behind events is acknowledged with them.
+            self.filling.upto = Some(end);
         }
     }
 
@@ -229,9 +326,9 @@ impl<R> Machine<R> {
             .checked_sub(1)
             .ok_or(Violation::AckWithoutBatch)?;
         let mut upto = upto;
-        // Transactions without outbox events that arrived while batches were in flight.
-        if self.in_flight == 0 && self.pending.records.is_empty() {
-            if let Some(lsn) = self.pending.last_lsn.take() {
+        // Event-less transactions that arrived while transactions were in flight.
+        if self.in_flight == 0 && self.filling.events == 0 {
+            if let Some(lsn) = self.filling.upto.take() {
                 upto = upto.max(lsn);
             }
         }
@@ -240,20 +337,32 @@ impl<R> Machine<R> {
         Ok(())
     }
 
-    fn publish_if_due(&mut self, now: Instant, out: &mut Vec<Action<R>>) {
-        if self.deadline().is_none_or(|at| now < at) {
+    /// A Kafka transaction may commit when it holds whole Postgres transactions with events,
+    /// none of the open one's rows, and the sink is free.
+    fn can_commit(&self) -> bool {
+        self.sink_ready
+            && self.filling.events > 0
+            && !self.open.as_ref().is_some_and(|o| o.appended)
+    }
+
+    fn commit_if_due(&mut self, now: Instant, out: &mut Vec<Action<R>>) {
+        if !self.can_commit() {
             return;
         }
-        let Some(upto) = self.pending.last_lsn else {
+        let first = self.filling.first_at.expect("events imply a first");
+        let due = self.draining
+            || self.filling.events >= self.limits.max_events
+            || now >= first + self.limits.linger;
+        if !due {
             return;
-        };
-        let pending = std::mem::take(&mut self.pending);
+        }
+        let filling = std::mem::take(&mut self.filling);
         self.in_flight += 1;
         self.sink_ready = false;
-        out.push(Action::Publish(Batch {
-            records: pending.records,
-            upto,
-            commits: pending.commits,
+        out.push(Action::Commit(Closing {
+            upto: filling.upto.expect("events imply a whole transaction"),
+            commits: filling.commits,
+            events: filling.events,
         }));
     }
 }
@@ -266,6 +375,9 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_events: 3,
         linger: Duration::from_millis(5),
+        chunk_events: 2,
+        chunk_bytes: 1 << 20,
+        transaction_timeout: Duration::from_secs(60),
     };
 
     fn lsn(n: u64) -> Lsn {
@@ -280,53 +392,119 @@ mod tests {
             .collect()
     }
 
-    fn tx(end: u64, rows: &[u32]) -> Vec<Input<u32>> {
-        let mut v = vec![Input::Begin {
+    fn begin(end: u64) -> Input<u32> {
+        Input::Begin {
+            final_lsn: lsn(end - 1),
             commit_ts_micros: end as i64,
-        }];
-        v.extend(rows.iter().map(|r| Input::Row(*r)));
+        }
+    }
+
+    fn row(r: u32) -> Input<u32> {
+        Input::Row {
+            record: r,
+            bytes: 100,
+        }
+    }
+
+    fn tx(end: u64, rows: &[u32]) -> Vec<Input<u32>> {
+        let mut v = vec![begin(end)];
+        v.extend(rows.iter().map(|r| row(*r)));
         v.push(Input::Commit { end: lsn(end) });
         v
     }
 
+    fn commit(upto: u64, commits: Vec<(i64, usize)>) -> Action<u32> {
+        let events = commits.iter().map(|c| c.1).sum();
+        Action::Commit(Closing {
+            upto: lsn(upto),
+            commits,
+            events,
+        })
+    }
+
     #[test]
-    fn a_batch_waits_for_its_linger_then_goes_whole() {
+    fn rows_go_out_at_their_commit_and_the_kafka_transaction_after_its_linger() {
         let t0 = Instant::now();
         let mut m = Machine::new(Lsn(0), LIMITS);
         assert!(feed(&mut m, t0, vec![Input::SinkReady]).is_empty());
-        assert!(feed(&mut m, t0, tx(10, &[1])).is_empty());
-        assert!(feed(&mut m, t0, tx(20, &[2])).is_empty());
+        assert_eq!(
+            feed(&mut m, t0, tx(10, &[1])),
+            vec![Action::Append(vec![1])]
+        );
+        assert_eq!(
+            feed(&mut m, t0, tx(20, &[2])),
+            vec![Action::Append(vec![2])]
+        );
         assert_eq!(m.deadline(), Some(t0 + LIMITS.linger));
         let out = feed(&mut m, t0 + LIMITS.linger, vec![Input::Tick]);
-        assert_eq!(
-            out,
-            vec![Action::Publish(Batch {
-                records: vec![1, 2],
-                upto: lsn(20),
-                commits: vec![(10, 1), (20, 1)],
-            })]
-        );
+        assert_eq!(out, vec![commit(20, vec![(10, 1), (20, 1)])]);
         assert_eq!(m.deadline(), None, "the sink has not asked for more");
     }
 
     #[test]
-    fn a_full_batch_goes_at_once_and_stops_reading_until_the_sink_takes_it() {
+    fn a_full_kafka_transaction_commits_at_once_and_reading_stops_until_the_sink_takes_it() {
         let t0 = Instant::now();
         let mut m = Machine::new(Lsn(0), LIMITS);
-        assert!(feed(&mut m, t0, tx(10, &[1, 2, 3])).is_empty(), "sink busy");
-        assert!(!m.wants_input());
+        let out = feed(&mut m, t0, tx(10, &[1, 2, 3]));
+        assert_eq!(
+            out,
+            vec![Action::Append(vec![1, 2]), Action::Append(vec![3])]
+        );
+        assert!(!m.wants_input(), "sink busy");
         let out = feed(&mut m, t0, vec![Input::SinkReady]);
-        assert!(matches!(&out[..], [Action::Publish(b)] if b.records == vec![1, 2, 3]));
+        assert_eq!(out, vec![commit(10, vec![(10, 3)])]);
         assert!(m.wants_input());
     }
 
     #[test]
-    fn a_transaction_is_never_split_across_batches() {
+    fn a_large_transaction_streams_in_chunks_and_commits_only_after_its_end() {
         let t0 = Instant::now();
         let mut m = Machine::new(Lsn(0), LIMITS);
-        feed(&mut m, t0, vec![Input::SinkReady]);
-        let out = feed(&mut m, t0, tx(10, &[1, 2, 3, 4, 5]));
-        assert!(matches!(&out[..], [Action::Publish(b)] if b.records.len() == 5));
+        feed(&mut m, t0, vec![Input::SinkReady, begin(10)]);
+        let mut appended = Vec::new();
+        for r in 1..=7 {
+            for a in feed(&mut m, t0, vec![row(r)]) {
+                match a {
+                    Action::Append(rs) => appended.extend(rs),
+                    other => panic!("{other:?} inside a transaction"),
+                }
+            }
+            assert!(m.wants_input(), "a started transaction is read to its end");
+        }
+        assert_eq!(
+            appended,
+            vec![1, 2, 3, 4, 5, 6],
+            "never more than a chunk held"
+        );
+        let out = feed(&mut m, t0, vec![Input::Commit { end: lsn(10) }]);
+        assert_eq!(
+            out,
+            vec![Action::Append(vec![7]), commit(10, vec![(10, 7)])]
+        );
+    }
+
+    #[test]
+    fn a_kafka_transaction_that_outlives_the_timeout_is_refused_naming_the_setting() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(Lsn(0), LIMITS);
+        feed(
+            &mut m,
+            t0,
+            vec![Input::SinkReady, begin(10), row(1), row(2)],
+        );
+        assert_eq!(m.deadline(), Some(t0 + LIMITS.transaction_timeout));
+        let e = m
+            .on(Input::Tick, t0 + LIMITS.transaction_timeout)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            Violation::TransactionTimeout {
+                secs: 60,
+                final_lsn: lsn(9),
+                events: 2
+            }
+        );
+        assert!(e.to_string().contains("RELAY_TRANSACTION_TIMEOUT"));
     }
 
     #[test]
@@ -342,7 +520,12 @@ mod tests {
                 Action::Acknowledge(lsn(10))
             ]
         );
-        let out = feed(&mut m, t0, tx(20, &[2]));
+        feed(&mut m, t0, vec![begin(20)]);
+        assert!(
+            m.skipping(),
+            "known at Begin, so its rows are not even built"
+        );
+        let out = feed(&mut m, t0, vec![row(2), Input::Commit { end: lsn(20) }]);
         assert_eq!(
             out,
             vec![
@@ -350,16 +533,19 @@ mod tests {
                 Action::Acknowledge(lsn(20))
             ]
         );
-        assert!(feed(&mut m, t0, tx(30, &[3])).is_empty());
+        assert_eq!(
+            feed(&mut m, t0, tx(30, &[3])),
+            vec![Action::Append(vec![3])]
+        );
     }
 
     #[test]
-    fn nothing_is_acknowledged_past_a_batch_kafka_has_not_committed() {
+    fn nothing_is_acknowledged_past_a_transaction_kafka_has_not_committed() {
         let t0 = Instant::now();
         let mut m = Machine::new(Lsn(0), LIMITS);
         feed(&mut m, t0, vec![Input::SinkReady]);
         feed(&mut m, t0, tx(10, &[1, 2, 3]));
-        // An event-less transaction and a keepalive behind the batch in flight.
+        // An event-less transaction and a keepalive behind the transaction in flight.
         assert!(feed(&mut m, t0, tx(20, &[])).is_empty());
         assert!(feed(&mut m, t0, vec![Input::KeepAlive { wal_end: lsn(30) }]).is_empty());
         // Its acknowledgement carries the event-less transaction along.
@@ -374,13 +560,7 @@ mod tests {
     fn a_keepalive_inside_a_transaction_acknowledges_nothing() {
         let t0 = Instant::now();
         let mut m = Machine::new(Lsn(0), LIMITS);
-        feed(
-            &mut m,
-            t0,
-            vec![Input::Begin {
-                commit_ts_micros: 0,
-            }],
-        );
+        feed(&mut m, t0, vec![begin(10)]);
         assert!(feed(&mut m, t0, vec![Input::KeepAlive { wal_end: lsn(50) }]).is_empty());
     }
 
@@ -393,26 +573,31 @@ mod tests {
     }
 
     #[test]
-    fn drain_publishes_what_is_complete_without_waiting_and_drops_the_open_transaction() {
+    fn drain_commits_what_is_whole_at_once_and_leaves_an_unsent_transaction() {
         let t0 = Instant::now();
         let mut m = Machine::new(Lsn(0), LIMITS);
         feed(&mut m, t0, vec![Input::SinkReady]);
         feed(&mut m, t0, tx(10, &[1]));
-        feed(
-            &mut m,
-            t0,
-            vec![
-                Input::Begin {
-                    commit_ts_micros: 0,
-                },
-                Input::Row(2),
-            ],
-        );
+        feed(&mut m, t0, vec![begin(20), row(2)]);
         let out = feed(&mut m, t0, vec![Input::Drain]);
-        assert!(matches!(&out[..], [Action::Publish(b)] if b.records == vec![1]));
+        assert_eq!(out, vec![commit(10, vec![(10, 1)])]);
         assert!(!m.drained());
         feed(&mut m, t0, vec![Input::Acked { upto: lsn(10) }]);
         assert!(m.drained());
+    }
+
+    #[test]
+    fn drain_inside_a_transaction_already_in_kafka_aborts_the_kafka_transaction() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(Lsn(0), LIMITS);
+        feed(&mut m, t0, tx(10, &[1]));
+        feed(&mut m, t0, vec![begin(20), row(2), row(3)]);
+        let out = feed(&mut m, t0, vec![Input::Drain]);
+        assert_eq!(out, vec![Action::Abort]);
+        assert!(
+            m.drained(),
+            "nothing in flight, nothing acknowledged past 0"
+        );
     }
 
     #[test]
@@ -420,7 +605,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m: Machine<u32> = Machine::new(Lsn(0), LIMITS);
         assert_eq!(
-            m.on(Input::Row(1), t0).unwrap_err(),
+            m.on(row(1), t0).unwrap_err(),
             Violation::RowOutsideTransaction
         );
         assert_eq!(
@@ -467,7 +652,8 @@ mod tests {
         let mut end = 0;
         (0..rng.below(60) + 1)
             .map(|_| {
-                end += 1 + rng.below(50);
+                // Room for the commit record: it starts after the previous one ends.
+                end += 2 + rng.below(50);
                 let events = (0..rng.below(6))
                     .map(|_| {
                         next_id += 1;
@@ -485,6 +671,7 @@ mod tests {
         let mut s = VecDeque::new();
         for tx in wal.iter().filter(|t| t.end > confirmed) {
             s.push_back(Input::Begin {
+                final_lsn: lsn(tx.end - 1),
                 commit_ts_micros: tx.end as i64,
             });
             for e in &tx.events {
@@ -494,7 +681,10 @@ mod tests {
                         wal_end: lsn(tx.end + rng.below(3)),
                     });
                 }
-                s.push_back(Input::Row(*e));
+                s.push_back(Input::Row {
+                    record: *e,
+                    bytes: 1 + rng.below(3) as usize,
+                });
             }
             s.push_back(Input::Commit { end: lsn(tx.end) });
             if rng.chance(20) {
@@ -510,7 +700,9 @@ mod tests {
     struct Kafka {
         log: Vec<u32>,
         checkpoint: u64,
-        /// Published batches in order: (events, upto).
+        /// Records appended to the open transaction.
+        open: Vec<u32>,
+        /// Transactions committing, in order: (events, upto).
         in_flight: VecDeque<(Vec<u32>, u64)>,
     }
 
@@ -534,6 +726,9 @@ mod tests {
         let limits = Limits {
             max_events: 1 + rng.below(8) as usize,
             linger: Duration::from_millis(rng.below(3)),
+            chunk_events: 1 + rng.below(4) as usize,
+            chunk_bytes: 1 + rng.below(8) as usize,
+            transaction_timeout: Duration::from_secs(3600),
         };
         let mut kafka = Kafka::default();
         // The slot's confirmed position, and the acknowledgements sent but maybe not received.
@@ -547,7 +742,7 @@ mod tests {
             let mut m: Machine<u32> = Machine::new(lsn(kafka.checkpoint), limits);
             let mut input = stream(rng, &wal, confirmed);
             let mut acked_sent = confirmed;
-            // The sink offers itself once at start and again after taking each batch.
+            // The sink offers itself once at start and again after each commit.
             let mut sink_offers = 1;
             let mut stop = None;
             loop {
@@ -559,6 +754,7 @@ mod tests {
                         kafka.commit_front();
                     }
                     kafka.in_flight.clear();
+                    kafka.open.clear();
                     break;
                 } else if stop.is_none() && step < 5 {
                     stop = Some(());
@@ -576,6 +772,10 @@ mod tests {
                 } else if m.wants_input() && !input.is_empty() {
                     input.pop_front().expect("not empty")
                 } else if stop.is_some() && m.drained() {
+                    assert!(
+                        kafka.open.is_empty(),
+                        "seed {seed}: a stop left a transaction open"
+                    );
                     break;
                 } else if input.is_empty() && m.drained() && stop.is_none() {
                     // Caught up: stop this session gracefully.
@@ -590,24 +790,34 @@ mod tests {
                     .unwrap_or_else(|e| panic!("seed {seed}: {e}"))
                 {
                     match action {
-                        Action::Publish(batch) => {
+                        Action::Append(records) => {
                             assert!(
-                                batch.records.iter().all(|e| tx_of[e] <= batch.upto.0),
-                                "seed {seed}: a batch holds an event past its checkpoint"
+                                records.iter().all(|e| tx_of[e] > kafka.checkpoint),
+                                "seed {seed}: appended an event Kafka has"
+                            );
+                            kafka.open.extend(records);
+                        }
+                        Action::Commit(closing) => {
+                            let records = std::mem::take(&mut kafka.open);
+                            assert_eq!(closing.events, records.len(), "seed {seed}");
+                            assert!(
+                                records.iter().all(|e| tx_of[e] <= closing.upto.0),
+                                "seed {seed}: a transaction holds an event past its checkpoint"
                             );
                             for tx in wal
                                 .iter()
-                                .filter(|t| t.events.iter().any(|e| batch.records.contains(e)))
+                                .filter(|t| t.events.iter().any(|e| records.contains(e)))
                             {
                                 assert!(
-                                    tx.events.iter().all(|e| batch.records.contains(e)),
-                                    "seed {seed}: transaction {} split between batches",
+                                    tx.events.iter().all(|e| records.contains(e)),
+                                    "seed {seed}: Postgres transaction {} split between Kafka transactions",
                                     tx.end
                                 );
                             }
-                            kafka.in_flight.push_back((batch.records, batch.upto.0));
+                            kafka.in_flight.push_back((records, closing.upto.0));
                             sink_offers += 1;
                         }
+                        Action::Abort => kafka.open.clear(),
                         Action::Acknowledge(at) => {
                             for tx in wal.iter().filter(|t| t.end <= at.0) {
                                 for e in &tx.events {

@@ -22,8 +22,8 @@ use crate::pgoutput::Lsn;
 /// How long a transaction commit or abort may take before the batch counts as failed.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `transaction.timeout.ms`: how long the broker keeps a transaction of a dead relay open
-/// before it aborts it.
+/// `transaction.timeout.ms` unless the caller sets it (RELAY_TRANSACTION_TIMEOUT): how long
+/// the broker keeps a transaction of a dead relay open before it aborts it.
 const TXN_EXPIRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -51,19 +51,27 @@ pub struct Sink {
     delivery: Delivery,
     checkpoint_topic: String,
     checkpoint_key: String,
+    /// The transaction timeout: another source's transaction may hold back the checkpoint
+    /// reader this long.
+    expiry: Duration,
 }
 
-/// One batch for [`Sink::start`]: records of whole Postgres transactions, the commit LSN of
-/// the last of them, and what the caller wants back when the batch is acknowledged.
-pub struct Outgoing<M> {
-    pub records: Vec<KafkaRecord>,
-    pub upto: Lsn,
-    pub meta: M,
+/// What the relay sends the publishing pipeline ([`Sink::start`]), in order.
+pub enum Command<M> {
+    /// Records for the open Kafka transaction; the first `Append` after a `Commit` opens one.
+    /// A Postgres transaction may arrive in several.
+    Append(Vec<KafkaRecord>),
+    /// Ends the open transaction with the checkpoint `upto` (the commit LSN of the last whole
+    /// Postgres transaction in it); `meta` comes back with its `Acked`.
+    Commit { upto: Lsn, meta: M },
+    /// Drops the open transaction: it holds part of a Postgres transaction the session stops
+    /// in the middle of. Nothing of it becomes visible.
+    Abort,
 }
 
 /// What the publishing pipeline reports, in order.
 pub enum Progress<M> {
-    /// The pipeline takes the next batch.
+    /// The pipeline can commit the next transaction at once.
     Ready,
     /// Kafka durably holds this batch and every one before it (exactly once: committed).
     Acked {
@@ -81,6 +89,78 @@ struct Pending<M> {
     upto: Lsn,
     meta: M,
     started: Instant,
+}
+
+/// Delivery reports awaited once this many are outstanding, so a transaction of any size
+/// holds a bounded number of them (librdkafka's queue bounds the records themselves).
+const MAX_UNCONFIRMED: usize = 20_000;
+
+/// The Kafka transaction being filled (at-least-once: the records since the last commit).
+struct Open {
+    producer: FutureProducer,
+    deliveries:
+        std::collections::VecDeque<(rdkafka::producer::DeliveryFuture, Option<tracing::Span>)>,
+    /// Spans of delivered records; they end with the commit that makes them visible.
+    delivered: Vec<tracing::Span>,
+    started: Instant,
+}
+
+impl Open {
+    async fn confirm_one(&mut self) -> Result<(), SinkError> {
+        let Some((delivery, span)) = self.deliveries.pop_front() else {
+            return Ok(());
+        };
+        match delivery.await {
+            Ok(Ok(d)) => {
+                if let Some(span) = span {
+                    span.record(
+                        "messaging.destination.partition.id",
+                        d.partition.to_string(),
+                    );
+                    span.record("messaging.kafka.offset", d.offset);
+                    self.delivered.push(span);
+                }
+                Ok(())
+            }
+            Ok(Err((e, _))) => Err(SinkError::Delivery(e)),
+            Err(_) => Err(SinkError::Task("delivery report dropped".into())),
+        }
+    }
+
+    /// Waits for every delivery report. Waiting here, rather than letting
+    /// `commit_transaction` flush, matters: its flush only sees deliveries when the
+    /// producer's polling thread next wakes, which adds up to 100 ms to every transaction.
+    async fn confirm_all(&mut self) -> Result<(), SinkError> {
+        while !self.deliveries.is_empty() {
+            self.confirm_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues one record, waiting while librdkafka's queue is full.
+    async fn enqueue(&mut self, r: &KafkaRecord) -> Result<(), SinkError> {
+        loop {
+            match self.producer.send_result(future_record(r)) {
+                Ok(delivery) => {
+                    self.deliveries.push_back((delivery, r.span.clone()));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Deliveries free the queue; confirming them also bounds what we hold.
+                    if self.deliveries.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    } else {
+                        self.confirm_one().await?;
+                    }
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        while self.deliveries.len() > MAX_UNCONFIRMED {
+            self.confirm_one().await?;
+        }
+        Ok(())
+    }
 }
 
 impl Sink {
@@ -110,6 +190,11 @@ impl Sink {
             .set("retry.backoff.max.ms", "100")
             // Small control requests (AddPartitionsToTxn, EndTxn) must not wait for Nagle.
             .set("socket.nagle.disable", "true");
+        let expiry = config
+            .get("transaction.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(TXN_EXPIRY);
         if config.get("batch.size").is_none() {
             config.set("batch.size", "1000000");
         }
@@ -121,7 +206,7 @@ impl Sink {
                     let producer: FutureProducer = config
                         .clone()
                         .set("transactional.id", id)
-                        .set("transaction.timeout.ms", TXN_EXPIRY.as_millis().to_string())
+                        .set("transaction.timeout.ms", expiry.as_millis().to_string())
                         .create()?;
                     let p = producer.clone();
                     blocking(move || p.init_transactions(TXN_TIMEOUT)).await??;
@@ -134,6 +219,7 @@ impl Sink {
             delivery,
             checkpoint_topic: checkpoint_topic.to_string(),
             checkpoint_key: checkpoint_key.to_string(),
+            expiry,
         })
     }
 
@@ -145,25 +231,25 @@ impl Sink {
         }
         let topic = self.checkpoint_topic.clone();
         let key = self.checkpoint_key.clone();
-        blocking(move || checkpoint::read(base, &topic, &key)).await?
+        let limit = checkpoint::read_limit(self.expiry);
+        blocking(move || checkpoint::read(base, &topic, &key, limit)).await?
     }
 
-    /// Starts the publishing pipeline. Send it a batch after each `Ready` (one is sent first);
-    /// it reports each batch as `Acked`, in order, and stops after the channel closes and
+    /// Starts the publishing pipeline. It reports `Ready` first and after each `Commit`, each
+    /// committed transaction as `Acked`, in order, and stops after the channel closes and
     /// everything sent is acknowledged, or at the first failure.
     ///
-    /// Exactly-once, batch N+1 is sent while batch N commits; N+1 commits only after N did,
-    /// so a checkpoint never passes a transaction that could still abort, and it starts only
-    /// after all of N's records were appended, so per-key order holds in the log.
-    /// At-least-once, batches follow each other without waiting; the idempotent producer
-    /// keeps them in order.
+    /// Exactly-once, transaction N+1 is filled while N commits; N+1 commits only after N did,
+    /// so a checkpoint never passes a transaction that could still abort, and N+1's first
+    /// record is sent only after all of N's were appended, so per-key order holds in the log.
+    /// At-least-once, commits only wait for delivery; the idempotent producer keeps order.
     pub fn start<M: Send + 'static>(
         self,
     ) -> (
-        tokio::sync::mpsc::Sender<Outgoing<M>>,
+        tokio::sync::mpsc::Sender<Command<M>>,
         tokio::sync::mpsc::UnboundedReceiver<Progress<M>>,
     ) {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
         let (progress_tx, progress_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let _ = progress_tx.send(Progress::Ready);
@@ -176,10 +262,11 @@ impl Sink {
 
     async fn pipeline<M: Send + 'static>(
         &self,
-        mut batches: tokio::sync::mpsc::Receiver<Outgoing<M>>,
+        mut commands: tokio::sync::mpsc::Receiver<Command<M>>,
         progress: &tokio::sync::mpsc::UnboundedSender<Progress<M>>,
     ) -> Result<(), SinkError> {
         let mut pending: std::collections::VecDeque<Pending<M>> = Default::default();
+        let mut open: Option<Open> = None;
         let mut turn = 0;
         loop {
             tokio::select! {
@@ -188,52 +275,79 @@ impl Sink {
                     let p = pending.pop_front().expect("guarded");
                     report(p, done, progress)?;
                 }
-                batch = batches.recv() => {
-                    let Some(batch) = batch else { break };
-                    let producer = self.producers[turn % self.producers.len()].clone();
-                    turn += 1;
-                    let started = Instant::now();
-                    let done = match self.delivery {
-                        Delivery::AtLeastOnce => {
-                            let deliveries = enqueue(&producer, batch.records.iter()).await?;
-                            let spans = spans(&batch.records);
-                            drop(batch.records);
-                            tokio::spawn(async move { confirm(deliveries, &spans).await })
+                command = commands.recv() => match command {
+                    None => break,
+                    Some(Command::Append(records)) => {
+                        let o = match &mut open {
+                            Some(o) => o,
+                            None => open.insert(self.open(&mut turn)?),
+                        };
+                        for r in &records {
+                            o.enqueue(r).await?;
                         }
-                        Delivery::ExactlyOnce => {
-                            let checkpoint = KafkaRecord {
-                                topic: self.checkpoint_topic.clone(),
-                                key: self.checkpoint_key.clone(),
-                                value: checkpoint::value(batch.upto).into_bytes(),
-                                headers: Vec::new(),
-                                span: None,
-                                dead_letter: None,
-                            };
-                            // begin_transaction only changes local state; it does not block.
-                            producer.begin_transaction()?;
-                            let deliveries = enqueue(
-                                &producer,
-                                batch.records.iter().chain(std::iter::once(&checkpoint)),
-                            )
-                            .await?;
-                            let spans = spans(&batch.records);
-                            drop(batch.records);
-                            confirm(deliveries, &spans).await?;
+                    }
+                    Some(Command::Commit { upto, meta }) => {
+                        let mut o = match open.take() {
+                            Some(o) => o,
+                            None => self.open(&mut turn)?,
+                        };
+                        let started = o.started;
+                        let done = match self.delivery {
+                            Delivery::AtLeastOnce => {
+                                tokio::spawn(async move { o.confirm_all().await })
+                            }
+                            Delivery::ExactlyOnce => {
+                                o.enqueue(&KafkaRecord {
+                                    topic: self.checkpoint_topic.clone(),
+                                    key: self.checkpoint_key.clone(),
+                                    value: checkpoint::value(upto).into_bytes(),
+                                    headers: Vec::new(),
+                                    span: None,
+                                    dead_letter: None,
+                                })
+                                .await?;
+                                o.confirm_all().await?;
+                                finish(&mut pending, progress).await?;
+                                tokio::spawn(async move {
+                                    let result = commit(o.producer).await;
+                                    // The producer spans end with the commit that made them visible.
+                                    drop(o.delivered);
+                                    result
+                                })
+                            }
+                        };
+                        pending.push_back(Pending { done, upto, meta, started });
+                        let _ = progress.send(Progress::Ready);
+                    }
+                    Some(Command::Abort) => {
+                        if let Some(o) = open.take() {
                             finish(&mut pending, progress).await?;
-                            tokio::spawn(async move {
-                                let result = commit(producer).await;
-                                // The producer spans end with the commit that made them visible.
-                                drop(spans);
-                                result
-                            })
+                            if self.delivery == Delivery::ExactlyOnce {
+                                let p = o.producer;
+                                blocking(move || p.abort_transaction(TXN_TIMEOUT)).await??;
+                            }
                         }
-                    };
-                    pending.push_back(Pending { done, upto: batch.upto, meta: batch.meta, started });
-                    let _ = progress.send(Progress::Ready);
+                    }
                 }
             }
         }
         finish(&mut pending, progress).await
+    }
+
+    /// The next producer in turn, with a transaction begun (exactly-once).
+    fn open(&self, turn: &mut usize) -> Result<Open, SinkError> {
+        let producer = self.producers[*turn % self.producers.len()].clone();
+        *turn += 1;
+        if self.delivery == Delivery::ExactlyOnce {
+            // begin_transaction only changes local state; it does not block.
+            producer.begin_transaction()?;
+        }
+        Ok(Open {
+            producer,
+            deliveries: Default::default(),
+            delivered: Vec::new(),
+            started: Instant::now(),
+        })
     }
 }
 
@@ -284,59 +398,6 @@ async fn commit(producer: FutureProducer) -> Result<(), SinkError> {
         let _ = blocking(move || producer.abort_transaction(TXN_TIMEOUT)).await;
     }
     result
-}
-
-fn spans(records: &[KafkaRecord]) -> Vec<Option<tracing::Span>> {
-    records.iter().map(|r| r.span.clone()).collect()
-}
-
-/// Enqueues every record, waiting while librdkafka's queue is full.
-async fn enqueue<'a>(
-    producer: &FutureProducer,
-    records: impl Iterator<Item = &'a KafkaRecord>,
-) -> Result<Vec<rdkafka::producer::DeliveryFuture>, SinkError> {
-    let mut pending = Vec::new();
-    for r in records {
-        loop {
-            match producer.send_result(future_record(r)) {
-                Ok(delivery) => {
-                    pending.push(delivery);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
-    }
-    Ok(pending)
-}
-
-/// Waits for every delivery report and records partition and offset on the producer spans.
-/// Waiting here, rather than letting `commit_transaction` flush, matters: its flush only sees
-/// deliveries when the producer's polling thread next wakes, which adds up to 100 ms to every
-/// transaction.
-async fn confirm(
-    deliveries: Vec<rdkafka::producer::DeliveryFuture>,
-    spans: &[Option<tracing::Span>],
-) -> Result<(), SinkError> {
-    for (i, delivery) in deliveries.into_iter().enumerate() {
-        match delivery.await {
-            Ok(Ok(d)) => {
-                if let Some(Some(span)) = spans.get(i) {
-                    span.record(
-                        "messaging.destination.partition.id",
-                        d.partition.to_string(),
-                    );
-                    span.record("messaging.kafka.offset", d.offset);
-                }
-            }
-            Ok(Err((e, _))) => return Err(SinkError::Delivery(e)),
-            Err(_) => return Err(SinkError::Task("delivery report dropped".into())),
-        }
-    }
-    Ok(())
 }
 
 /// Runs a blocking librdkafka call off the async threads.

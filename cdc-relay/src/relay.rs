@@ -18,7 +18,7 @@ use crate::machine::{Action, Input, Limits, Machine, Violation};
 use crate::metrics::{DeadLetterLabel, Metrics, SourceLabel, TopicLabel};
 use crate::outbox::{OutboxColumns, OutboxError};
 use crate::pgoutput::{self, Lsn, Message, PG_EPOCH_OFFSET_MICROS};
-use crate::producer::{Outgoing, Progress, Sink, SinkError};
+use crate::producer::{Command, Progress, Sink, SinkError};
 use crate::record;
 use crate::registry::SchemaCache;
 
@@ -239,10 +239,21 @@ async fn session(
         // Kafka's own limit); record.rs keeps every record within ours. A batch of small
         // records must fit the topic's limit too.
         let limit = config.max_record_bytes;
-        c.set("message.max.bytes", limit.to_string()).set(
-            "batch.size",
-            limit.saturating_sub(1024).min(1_000_000).to_string(),
-        );
+        c.set("message.max.bytes", limit.to_string())
+            .set(
+                "batch.size",
+                limit.saturating_sub(1024).min(1_000_000).to_string(),
+            )
+            // What librdkafka holds until delivered, shared by the source's two producers:
+            // with the chunks in `Limits`, what bounds the relay's memory per source.
+            .set(
+                "queue.buffering.max.kbytes",
+                (config.buffer_bytes / 2 / 1024).to_string(),
+            )
+            .set(
+                "transaction.timeout.ms",
+                config.transaction_timeout.as_millis().to_string(),
+            );
         c
     };
     let sink = Sink::create(kafka(), config.delivery, &config.checkpoint_topic, &slot).await?;
@@ -256,6 +267,10 @@ async fn session(
     let limits = Limits {
         max_events: config.batch_max_events as usize,
         linger: config.batch_linger,
+        chunk_events: CHUNK_EVENTS,
+        chunk_bytes: (config.buffer_bytes as usize / 8).min(1 << 20),
+        // Leave the commit time to spare before the broker's own deadline.
+        transaction_timeout: config.transaction_timeout * 9 / 10,
     };
     let mut stream = Stream {
         ctx,
@@ -263,6 +278,7 @@ async fn session(
         label,
         machine: Machine::new(checkpoint.unwrap_or_default(), limits),
         relations: HashMap::new(),
+        per_topic: HashMap::new(),
     };
     let result = stream.run(&mut repl, sink, shutdown).await;
     repl.stop();
@@ -276,7 +292,12 @@ struct Stream<'a> {
     label: SourceLabel,
     machine: Machine<KafkaRecord>,
     relations: HashMap<u32, Option<Result<OutboxColumns, OutboxError>>>,
+    /// Events per (topic, dead-letter reason) in the open Kafka transaction.
+    per_topic: HashMap<(String, Option<&'static str>), u64>,
 }
+
+/// Rows are handed to Kafka in chunks of at most this many (see `machine::Limits`).
+const CHUNK_EVENTS: usize = 1000;
 
 /// What the stream needs back when Kafka acknowledges a batch.
 struct Receipt {
@@ -287,7 +308,7 @@ struct Receipt {
     events: usize,
 }
 
-type Batches = tokio::sync::mpsc::Sender<Outgoing<Receipt>>;
+type Batches = tokio::sync::mpsc::Sender<Command<Receipt>>;
 
 impl Stream<'_> {
     /// Reads the stream into the machine and carries out what it answers, until `shutdown`;
@@ -357,8 +378,11 @@ impl Stream<'_> {
     ) -> Result<Option<Input<KafkaRecord>>, SessionError> {
         Ok(Some(match event {
             ReplicationEvent::Begin {
-                commit_time_micros, ..
+                final_lsn,
+                commit_time_micros,
+                ..
             } => Input::Begin {
+                final_lsn: Lsn(final_lsn.as_u64()),
                 commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
             },
             ReplicationEvent::XLogData {
@@ -384,21 +408,27 @@ impl Stream<'_> {
                             .into())
                         }
                     };
-                    let event = cols.event(&new)?;
                     let Some(commit_ts_micros) = self.machine.open_commit_ts() else {
                         return Err(Violation::RowOutsideTransaction.into());
                     };
+                    if self.machine.skipping() {
+                        // Kafka has this transaction: no need to build what would be dropped.
+                        return Ok(None);
+                    }
+                    let event = cols.event(&new)?;
                     let origin = Origin {
                         lsn: Lsn(wal_start.as_u64()),
                         commit_ts_micros,
                     };
-                    Input::Row(record::build(
+                    let record = record::build(
                         &self.ctx.config,
                         &self.ctx.schemas,
                         &self.source.0,
                         &event,
                         origin,
-                    ))
+                    );
+                    let bytes = record::wire_size(&record);
+                    Input::Row { record, bytes }
                 }
                 _ => return Ok(None),
             },
@@ -420,26 +450,33 @@ impl Stream<'_> {
         batches: &Batches,
     ) -> Result<(), SessionError> {
         match action {
-            Action::Publish(batch) => {
-                let mut per_topic: HashMap<_, u64> = HashMap::new();
-                for r in &batch.records {
-                    *per_topic
+            Action::Append(records) => {
+                for r in &records {
+                    *self
+                        .per_topic
                         .entry((r.topic.clone(), r.dead_letter))
                         .or_default() += 1;
                 }
+                send(batches, Command::Append(records)).await?;
+            }
+            Action::Commit(closing) => {
                 let meta = Receipt {
-                    commits: batch.commits,
-                    per_topic,
-                    events: batch.records.len(),
+                    commits: closing.commits,
+                    per_topic: std::mem::take(&mut self.per_topic),
+                    events: closing.events,
                 };
-                batches
-                    .send(Outgoing {
-                        records: batch.records,
-                        upto: batch.upto,
+                send(
+                    batches,
+                    Command::Commit {
+                        upto: closing.upto,
                         meta,
-                    })
-                    .await
-                    .map_err(|_| SinkError::Task("the Kafka pipeline stopped".into()))?;
+                    },
+                )
+                .await?;
+            }
+            Action::Abort => {
+                self.per_topic.clear();
+                send(batches, Command::Abort).await?;
             }
             Action::Acknowledge(lsn) => {
                 repl.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
@@ -500,6 +537,15 @@ fn now_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or_default()
+}
+
+/// Hands a command to the Kafka pipeline; waits while it is busy, which stops reading the
+/// replication stream (pgwire-replication keeps answering the server meanwhile).
+async fn send(batches: &Batches, command: Command<Receipt>) -> Result<(), SessionError> {
+    batches
+        .send(command)
+        .await
+        .map_err(|_| SinkError::Task("the Kafka pipeline stopped".into()).into())
 }
 
 /// Polls each source's slot lag every few seconds for the `slot_lag_bytes` gauge.

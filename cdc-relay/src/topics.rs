@@ -7,7 +7,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::Config;
+use crate::config::{Config, Delivery};
 use crate::record::UNKNOWN_EVENT_TYPE_DLQ;
 
 /// Every topic the relay may write: one per event type, its dead-letter topic, the topic for
@@ -79,17 +79,57 @@ pub async fn ensure(
         limits.push((name.to_string(), value));
     }
     let checkpoint = &config.checkpoint_topic;
-    let partitions = tokio::task::block_in_place(|| {
+    let metadata = tokio::task::block_in_place(|| {
         admin
             .inner()
             .fetch_metadata(Some(checkpoint), Duration::from_secs(30))
     })
-    .map_err(|e| format!("reading the metadata of topic {checkpoint}: {e}"))?
-    .topics()
-    .first()
-    .map(|t| t.partitions().len())
-    .unwrap_or(0);
-    check(config, &limits, partitions)
+    .map_err(|e| format!("reading the metadata of topic {checkpoint}: {e}"))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    check(config, &limits, partitions)?;
+    if config.delivery == Delivery::ExactlyOnce {
+        let broker = metadata.brokers().first().map(|b| b.id()).unwrap_or(0);
+        let described = admin
+            .describe_configs(
+                &[ResourceSpecifier::Broker(broker)],
+                &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+            )
+            .await
+            .map_err(|e| format!("reading the configuration of broker {broker}: {e}"))?;
+        let max = described
+            .into_iter()
+            .next()
+            .and_then(|r| r.ok())
+            .and_then(|r| {
+                r.get("transaction.max.timeout.ms")
+                    .and_then(|e| e.value.as_deref())
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .map(Duration::from_millis);
+        check_transaction_timeout(config.transaction_timeout, max)?;
+        tracing::info!(
+            transaction_timeout = ?config.transaction_timeout,
+            brokers_allow = ?max,
+            "Kafka transactions: a Postgres transaction must stream within the transaction timeout"
+        );
+    }
+    Ok(())
+}
+
+/// The broker refuses a producer whose transaction timeout exceeds its
+/// `transaction.max.timeout.ms`; say so before, naming the setting.
+pub fn check_transaction_timeout(ours: Duration, brokers: Option<Duration>) -> Result<(), String> {
+    match brokers {
+        Some(max) if ours > max => Err(format!(
+            "RELAY_TRANSACTION_TIMEOUT is {ours:?}, above the brokers' \
+             transaction.max.timeout.ms ({max:?}): lower it, or raise the brokers' limit"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses topics that would break the relay: a `max.message.bytes` below
@@ -156,6 +196,19 @@ mod tests {
         assert!(e.contains("b (1048588)"), "{e}");
         assert!(!e.contains("a ("), "{e}");
         assert!(check(&config("1048588"), &limits, 1).is_ok());
+    }
+
+    #[test]
+    fn a_transaction_timeout_above_the_brokers_limit_is_refused_naming_both() {
+        let s = Duration::from_secs;
+        let e = check_transaction_timeout(s(901), Some(s(900))).unwrap_err();
+        assert!(e.contains("RELAY_TRANSACTION_TIMEOUT is 901s"), "{e}");
+        assert!(e.contains("transaction.max.timeout.ms (900s)"), "{e}");
+        assert!(check_transaction_timeout(s(900), Some(s(900))).is_ok());
+        assert!(
+            check_transaction_timeout(s(60), None).is_ok(),
+            "unknown: the broker decides"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cdc_relay::config::Delivery;
 use cdc_relay::pgoutput::Lsn;
-use cdc_relay::producer::{Outgoing, Progress, Sink};
+use cdc_relay::producer::{Command, Progress, Sink};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use test_support::{create_topics, delete_topics, stack, unique};
 
@@ -19,8 +19,7 @@ async fn commit_checkpoint(topic: &str, key: &str, upto: u64) {
     let (batches, mut progress) = sink.start::<()>();
     assert!(matches!(progress.recv().await, Some(Progress::Ready)));
     batches
-        .send(Outgoing {
-            records: Vec::new(),
+        .send(Command::Commit {
             upto: Lsn(upto),
             meta: (),
         })

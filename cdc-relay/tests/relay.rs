@@ -747,6 +747,153 @@ async fn oversized_events_are_dead_lettered_without_their_payload_and_later_even
     f.cleanup().await;
 }
 
+/// A valid `resource.deleted` row.
+fn deleted_row() -> (Uuid, String, &'static str, String) {
+    let id = Uuid::new_v4();
+    let payload = serde_json::to_string(&schemas::ResourceDeleted {
+        resource_id: id,
+        version: 1,
+        deleted_at: 1_700_000_000_000_000,
+    })
+    .unwrap();
+    (id, id.to_string(), "resource.deleted", payload)
+}
+
+/// Rows in the large transaction below. The relay streams it in chunks; the benchmark
+/// (`cargo bench -p cdc-relay --bench relay -- --per-tx …`) measures its memory.
+const LARGE_TX_ROWS: usize = 1_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_million_row_transaction_arrives_once_in_one_kafka_transaction_while_another_source_flows(
+) {
+    let f = Fixture::new().await;
+    let other = TestDb::create(Source::Grpc).await;
+    let mut relay = Service::spawn(
+        BIN,
+        &f.env_with(&[
+            ("RELAY_SOURCES", &format!("{},{}", f.db.name, other.name)),
+            // Small buffers, so the transaction is streamed in many chunks.
+            ("RELAY_BUFFER_BYTES", "8388608"),
+            // Long enough that the Kafka transaction is due while the large one streams.
+            ("RELAY_BATCH_LINGER", "3s"),
+            ("RELAY_TRANSACTION_TIMEOUT", "600s"),
+        ]),
+    );
+    relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+    let large_topic = f.topic("resource.created");
+    let other_topic = f.topic("resource.deleted");
+
+    // The other source writes one event every few milliseconds throughout.
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = tokio::spawn({
+        let client = other.owner().await;
+        let writing = writing.clone();
+        async move {
+            let mut ids = Vec::new();
+            while writing.load(std::sync::atomic::Ordering::Relaxed) || ids.len() < 10 {
+                let row = deleted_row();
+                insert(&client, &row).await;
+                ids.push(row.0.to_string());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ids
+        }
+    });
+    // A small transaction of the same source commits just before the large one, so it waits
+    // in the open Kafka transaction (the linger is long) while the large one streams in: that
+    // Kafka transaction must not commit before the large one has ended.
+    let owner = f.db.owner().await;
+    owner
+        .batch_execute(&format!(
+            "BEGIN; {}",
+            test_support::bench::outbox_insert_sql(LARGE_TX_ROWS, 300, 0)
+        ))
+        .await
+        .unwrap();
+    let before = deleted_row();
+    insert(&f.db.owner().await, &before).await;
+    owner.batch_execute("COMMIT").await.unwrap();
+
+    // Read both topics: every large-transaction event once, and on each partition at
+    // consecutive offsets, so no transaction marker (a commit) sits inside it.
+    let consumer: StreamConsumer = stack()
+        .kafka_config()
+        .set("group.id", consumer_group("relay-large"))
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    test_support::bench::wait_topic(&other_topic, Duration::from_secs(60)).await;
+    consumer.subscribe(&[&large_topic, &other_topic]).unwrap();
+    let mut large_ids = HashSet::new();
+    let mut other_seen: Vec<String> = Vec::new();
+    let mut last_offset: HashMap<i32, i64> = HashMap::new();
+    let mut gaps = 0;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while large_ids.len() < LARGE_TX_ROWS {
+        let msg = tokio::time::timeout_at(deadline.into(), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {LARGE_TX_ROWS} arrived", large_ids.len()))
+            .unwrap();
+        let id = msg
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "event_id"))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap();
+        if msg.topic() == other_topic {
+            other_seen.push(id);
+            continue;
+        }
+        if let Some(prev) = last_offset.insert(msg.partition(), msg.offset()) {
+            if msg.offset() != prev + 1 {
+                gaps += 1;
+            }
+        }
+        assert!(
+            large_ids.insert(id),
+            "an event of the large transaction twice"
+        );
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut other_ids = writer.await.unwrap();
+    other_ids.push(before.0.to_string());
+    assert_eq!(gaps, 0, "a transaction marker inside the large transaction");
+
+    // The other source's events, each once, including those written during the large one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while other_seen.len() < other_ids.len() {
+        let Ok(msg) = tokio::time::timeout_at(deadline.into(), consumer.recv()).await else {
+            break;
+        };
+        let msg = msg.unwrap();
+        if msg.topic() == other_topic {
+            let id = msg
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "event_id"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap();
+            other_seen.push(id);
+        }
+    }
+    let mut seen_sorted = other_seen.clone();
+    seen_sorted.sort();
+    let mut want = other_ids.clone();
+    want.sort();
+    assert_eq!(seen_sorted, want, "the other source's events, each once");
+
+    println!(
+        "{LARGE_TX_ROWS} rows in one transaction; the other source wrote {} events meanwhile; relay peak RSS {:.0} MiB",
+        other_ids.len(),
+        test_support::bench::rss_peak_mib(relay.pid())
+    );
+    drop(relay);
+    other.cleanup().await;
+    f.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_multi_event_transaction_is_one_kafka_transaction() {
     // Batches are capped far below the transaction's size: a relay that split a Postgres
