@@ -1,10 +1,11 @@
-//! `cargo bench -p cdc-relay --bench relay [-- --events N --size BYTES --rate EVENTS_PER_S --seconds S --delivery exactly-once|at-least-once --linger 5ms]`
+//! `cargo bench -p cdc-relay --bench relay [-- --events N --size BYTES --per-tx ROWS --rate EVENTS_PER_S --seconds S --delivery exactly-once|at-least-once --linger 5ms --transaction-timeout 60s]`
 //!
 //! Runs the real relay (release build) against the local stack (`./kafkify up --infra`) and
 //! prints what it measured:
-//! - sustained throughput: a backlog of N outbox events of the given size is written while the
-//!   relay is stopped, then the relay drains it; events/s between the first and the last record
-//!   a read_committed consumer receives;
+//! - sustained throughput: a backlog of N outbox events of the given size, in transactions of
+//!   `--per-tx` rows (100; `--per-tx N` makes it one transaction), is written while the relay
+//!   is stopped, then the relay drains it; events/s between the first and the last record a
+//!   read_committed consumer receives;
 //! - latency at a fixed rate: events written at RATE/s for S seconds with the relay running;
 //!   percentiles of (time the consumer receives it − Postgres commit time from `commit_ts`);
 //! - the relay's peak RSS (VmHWM).
@@ -27,6 +28,8 @@ struct Args {
     seconds: u64,
     delivery: String,
     linger: String,
+    per_tx: usize,
+    transaction_timeout: String,
 }
 
 fn args() -> Args {
@@ -37,6 +40,8 @@ fn args() -> Args {
         seconds: 10,
         delivery: "exactly-once".into(),
         linger: "5ms".into(),
+        per_tx: 100,
+        transaction_timeout: "60s".into(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -49,6 +54,8 @@ fn args() -> Args {
             "--seconds" => a.seconds = value().parse().expect("--seconds S"),
             "--delivery" => a.delivery = value(),
             "--linger" => a.linger = value(),
+            "--per-tx" => a.per_tx = value().parse().expect("--per-tx ROWS"),
+            "--transaction-timeout" => a.transaction_timeout = value(),
             // cargo bench passes --bench; anything else is a typo worth saying.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -60,16 +67,16 @@ fn args() -> Args {
 fn relay_env(
     db: &TestDb,
     prefix: &str,
-    delivery: &str,
-    linger: &str,
+    a: &Args,
 ) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.relay_dsn()),
         ("RELAY_SOURCES", db.name.clone()),
         ("RELAY_TOPIC_PREFIX", prefix.to_string()),
         ("RELAY_CHECKPOINT_TOPIC", format!("{prefix}checkpoints")),
-        ("RELAY_DELIVERY", delivery.to_string()),
-        ("RELAY_BATCH_LINGER", linger.to_string()),
+        ("RELAY_DELIVERY", a.delivery.clone()),
+        ("RELAY_BATCH_LINGER", a.linger.clone()),
+        ("RELAY_TRANSACTION_TIMEOUT", a.transaction_timeout.clone()),
         ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
         ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
         ("LOG_LEVEL", "warn".into()),
@@ -96,7 +103,7 @@ async fn main() {
 
     // 1. Backlog drain.
     let t = Instant::now();
-    let per_tx = 100;
+    let per_tx = a.per_tx.max(1);
     for i in (0..a.events).step_by(per_tx) {
         owner
             .batch_execute(&outbox_insert_sql(per_tx.min(a.events - i), a.size, i))
@@ -104,7 +111,8 @@ async fn main() {
             .unwrap();
     }
     let wrote = t.elapsed();
-    let relay = Service::spawn(BIN, &relay_env(&db, &prefix, &a.delivery, &a.linger));
+    let spawned = Instant::now();
+    let relay = Service::spawn(BIN, &relay_env(&db, &prefix, &a));
     // The relay creates the topic; wait for it before assigning.
     wait_topic(&topic, Duration::from_secs(60)).await;
     let drained = drain(&topic, a.events, Duration::from_secs(600), false).await;
@@ -112,6 +120,12 @@ async fn main() {
     let drain_rate = drained.rate();
     let drain_secs = (arrivals.len().max(2) - 1) as f64 / drain_rate;
     let record_bytes = drained.bytes / arrivals.len().max(1);
+    let rss_after_drain = rss_peak_mib(relay.pid());
+    // A large transaction becomes visible all at once, at its commit: then only the time from
+    // the relay's start to the last record says how fast the relay moved it.
+    let from_start = arrivals
+        .last()
+        .map_or(f64::NAN, |l| (*l - spawned).as_secs_f64());
 
     // 2. Latency at a fixed rate, relay running. One transaction every 10 ms.
     let ticks = a.seconds * 100;
@@ -165,17 +179,21 @@ async fn main() {
         a.delivery, a.linger, a.size, record_bytes
     );
     println!(
-        "  backlog written: {} events in {:.2} s ({:.0} events/s into Postgres)",
+        "  backlog written: {} events in transactions of {} rows, in {:.2} s ({:.0} events/s into Postgres)",
         a.events,
+        per_tx,
         wrote.as_secs_f64(),
         a.events as f64 / wrote.as_secs_f64()
     );
     println!(
-        "  backlog drained: {} events in {:.2} s = {:.0} events/s ({:.1} MB/s)",
+        "  backlog drained: {} events in {:.2} s = {:.0} events/s ({:.1} MB/s); relay start → last event visible {:.2} s = {:.0} events/s; relay peak RSS by then {:.0} MiB",
         arrivals.len(),
         drain_secs,
         drain_rate,
-        drain_rate * record_bytes as f64 / 1e6
+        drain_rate * record_bytes as f64 / 1e6,
+        from_start,
+        arrivals.len() as f64 / from_start,
+        rss_after_drain
     );
     println!(
         "  at {:.0} events/s offered for {} s ({} events): commit→visible p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
