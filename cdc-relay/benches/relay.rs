@@ -64,11 +64,7 @@ fn args() -> Args {
     a
 }
 
-fn relay_env(
-    db: &TestDb,
-    prefix: &str,
-    a: &Args,
-) -> Vec<(&'static str, String)> {
+fn relay_env(db: &TestDb, prefix: &str, a: &Args) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.relay_dsn()),
         ("RELAY_SOURCES", db.name.clone()),

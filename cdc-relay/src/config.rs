@@ -79,7 +79,7 @@ pub struct Config {
 
     /// Bytes of records a source holds on their way to Kafka (librdkafka's queues and the
     /// relay's chunks): what bounds the relay's memory for a Postgres transaction of any size.
-    /// At least twice RELAY_MAX_RECORD_BYTES.
+    /// At least four times RELAY_MAX_RECORD_BYTES.
     #[arg(long, env = "RELAY_BUFFER_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=1 << 40))]
     pub buffer_bytes: u64,
 
@@ -183,10 +183,11 @@ impl Config {
         if let Some(dup) = self.sources.iter().find(|s| !seen.insert(&s.0)) {
             return Err(format!("RELAY_SOURCES: `{}` is listed twice", dup.0));
         }
-        if self.buffer_bytes < 2 * u64::from(self.max_record_bytes) + (2 << 10) {
+        if self.buffer_bytes < 4 * u64::from(self.max_record_bytes) + (4 << 10) {
             return Err(format!(
-                "RELAY_BUFFER_BYTES ({}) must be at least twice RELAY_MAX_RECORD_BYTES ({}) and \
-                 2 KiB more: each of a source's two producers must hold the largest record",
+                "RELAY_BUFFER_BYTES ({}) must be at least four times RELAY_MAX_RECORD_BYTES ({}) \
+                 and 4 KiB more: each of a source's two producers gets a quarter, and must hold \
+                 the largest record",
                 self.buffer_bytes, self.max_record_bytes
             ));
         }

@@ -136,9 +136,13 @@ pub struct Machine<R> {
     /// Kafka holds every transaction committed at or below this LSN.
     checkpoint: Lsn,
     open: Option<OpenTx>,
-    /// Rows of the open Postgres transaction not yet sent.
+    /// Rows not yet sent: those of whole transactions first, then from `open_from` on, the
+    /// open transaction's.
     chunk: Vec<R>,
     chunk_bytes: usize,
+    open_from: usize,
+    /// Of `chunk_bytes`, the open transaction's.
+    open_bytes: usize,
     filling: Filling,
     /// Kafka transactions committing, not yet acknowledged.
     in_flight: usize,
@@ -155,6 +159,8 @@ impl<R> Machine<R> {
             open: None,
             chunk: Vec::new(),
             chunk_bytes: 0,
+            open_from: 0,
+            open_bytes: 0,
             filling: Filling::default(),
             in_flight: 0,
             sink_ready: false,
@@ -228,11 +234,14 @@ impl<R> Machine<R> {
                     open.events += 1;
                     self.chunk.push(record);
                     self.chunk_bytes += bytes;
+                    self.open_bytes += bytes;
                     if self.chunk.len() >= self.limits.chunk_events
                         || self.chunk_bytes >= self.limits.chunk_bytes
                     {
+                        // The open transaction's first rows go into the Kafka transaction,
+                        // which now cannot commit before this transaction's end.
                         open.appended = true;
-                        self.send_chunk(now, &mut out);
+                        self.send(self.chunk.len(), now, &mut out);
                     }
                 }
             }
@@ -258,10 +267,15 @@ impl<R> Machine<R> {
                 // transaction, that transaction is dropped with them; the whole transactions
                 // in it are sent again too, as nothing of them was acknowledged.
                 self.draining = true;
-                self.chunk.clear();
+                self.chunk.truncate(self.open_from);
+                self.chunk_bytes -= self.open_bytes;
+                self.open_bytes = 0;
                 if self.open.take().is_some_and(|o| o.appended) {
                     out.push(Action::Abort);
                     self.filling = Filling::default();
+                    self.chunk.clear();
+                    self.chunk_bytes = 0;
+                    self.open_from = 0;
                 }
             }
         }
@@ -279,13 +293,23 @@ impl<R> Machine<R> {
         Ok(out)
     }
 
-    fn send_chunk(&mut self, now: Instant, out: &mut Vec<Action<R>>) {
-        if self.chunk.is_empty() {
+    /// Sends the first `n` rows of the chunk into the Kafka transaction.
+    fn send(&mut self, n: usize, now: Instant, out: &mut Vec<Action<R>>) {
+        if n == 0 {
             return;
         }
         self.filling.opened_at.get_or_insert(now);
-        self.chunk_bytes = 0;
-        out.push(Action::Append(std::mem::take(&mut self.chunk)));
+        let rest = self.chunk.split_off(n);
+        let rows = std::mem::replace(&mut self.chunk, rest);
+        if self.chunk.is_empty() {
+            self.chunk_bytes = 0;
+            self.open_bytes = 0;
+        } else {
+            // What stays is the open transaction's rows.
+            self.chunk_bytes = self.open_bytes;
+        }
+        self.open_from -= self.open_from.min(n);
+        out.push(Action::Append(rows));
     }
 
     fn commit(&mut self, end: Lsn, now: Instant, out: &mut Vec<Action<R>>) {
@@ -306,8 +330,9 @@ impl<R> Machine<R> {
         } else if open.events == 0 && idle {
             out.push(Action::Acknowledge(end));
         } else {
-            // Its last rows go now.
-            self.send_chunk(now, out);
+            // Its rows are whole now: they go with the next commit, or with a full chunk.
+            self.open_from = self.chunk.len();
+            self.open_bytes = 0;
             if open.events > 0 {
                 self.filling
                     .commits
@@ -356,6 +381,7 @@ impl<R> Machine<R> {
         if !due {
             return;
         }
+        self.send(self.open_from, now, out);
         let filling = std::mem::take(&mut self.filling);
         self.in_flight += 1;
         self.sink_ready = false;
@@ -423,21 +449,18 @@ mod tests {
     }
 
     #[test]
-    fn rows_go_out_at_their_commit_and_the_kafka_transaction_after_its_linger() {
+    fn whole_transactions_go_out_with_the_commit_after_the_linger() {
         let t0 = Instant::now();
         let mut m = Machine::new(Lsn(0), LIMITS);
         assert!(feed(&mut m, t0, vec![Input::SinkReady]).is_empty());
-        assert_eq!(
-            feed(&mut m, t0, tx(10, &[1])),
-            vec![Action::Append(vec![1])]
-        );
-        assert_eq!(
-            feed(&mut m, t0, tx(20, &[2])),
-            vec![Action::Append(vec![2])]
-        );
+        assert!(feed(&mut m, t0, tx(10, &[1])).is_empty());
+        assert!(feed(&mut m, t0, tx(20, &[])).is_empty());
         assert_eq!(m.deadline(), Some(t0 + LIMITS.linger));
         let out = feed(&mut m, t0 + LIMITS.linger, vec![Input::Tick]);
-        assert_eq!(out, vec![commit(20, vec![(10, 1), (20, 1)])]);
+        assert_eq!(
+            out,
+            vec![Action::Append(vec![1]), commit(20, vec![(10, 1)])]
+        );
         assert_eq!(m.deadline(), None, "the sink has not asked for more");
     }
 
@@ -448,11 +471,15 @@ mod tests {
         let out = feed(&mut m, t0, tx(10, &[1, 2, 3]));
         assert_eq!(
             out,
-            vec![Action::Append(vec![1, 2]), Action::Append(vec![3])]
+            vec![Action::Append(vec![1, 2])],
+            "a full chunk goes at once"
         );
         assert!(!m.wants_input(), "sink busy");
         let out = feed(&mut m, t0, vec![Input::SinkReady]);
-        assert_eq!(out, vec![commit(10, vec![(10, 3)])]);
+        assert_eq!(
+            out,
+            vec![Action::Append(vec![3]), commit(10, vec![(10, 3)])]
+        );
         assert!(m.wants_input());
     }
 
@@ -533,9 +560,11 @@ mod tests {
                 Action::Acknowledge(lsn(20))
             ]
         );
+        assert_eq!(feed(&mut m, t0, tx(30, &[3])), vec![]);
+        let out = feed(&mut m, t0 + LIMITS.linger, vec![Input::Tick]);
         assert_eq!(
-            feed(&mut m, t0, tx(30, &[3])),
-            vec![Action::Append(vec![3])]
+            out,
+            vec![Action::Append(vec![3]), commit(30, vec![(30, 1)])]
         );
     }
 
@@ -575,12 +604,20 @@ mod tests {
     #[test]
     fn drain_commits_what_is_whole_at_once_and_leaves_an_unsent_transaction() {
         let t0 = Instant::now();
-        let mut m = Machine::new(Lsn(0), LIMITS);
+        let limits = Limits {
+            chunk_events: 10,
+            ..LIMITS
+        };
+        let mut m = Machine::new(Lsn(0), limits);
         feed(&mut m, t0, vec![Input::SinkReady]);
         feed(&mut m, t0, tx(10, &[1]));
         feed(&mut m, t0, vec![begin(20), row(2)]);
         let out = feed(&mut m, t0, vec![Input::Drain]);
-        assert_eq!(out, vec![commit(10, vec![(10, 1)])]);
+        assert_eq!(
+            out,
+            vec![Action::Append(vec![1]), commit(10, vec![(10, 1)])],
+            "row 2, of the unfinished transaction, is left for the next session"
+        );
         assert!(!m.drained());
         feed(&mut m, t0, vec![Input::Acked { upto: lsn(10) }]);
         assert!(m.drained());

@@ -91,6 +91,11 @@ struct Pending<M> {
     started: Instant,
 }
 
+/// Commands waiting for the pipeline. While it waits for a commit, the relay keeps reading
+/// into these (chunks of at most `RELAY_BUFFER_BYTES`/16: half the buffer), so reading
+/// Postgres overlaps with Kafka's commits.
+pub const COMMANDS_QUEUED: usize = 8;
+
 /// Delivery reports awaited once this many are outstanding, so a transaction of any size
 /// holds a bounded number of them (librdkafka's queue bounds the records themselves).
 const MAX_UNCONFIRMED: usize = 20_000;
@@ -249,7 +254,7 @@ impl Sink {
         tokio::sync::mpsc::Sender<Command<M>>,
         tokio::sync::mpsc::UnboundedReceiver<Progress<M>>,
     ) {
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (tx, rx) = tokio::sync::mpsc::channel(COMMANDS_QUEUED);
         let (progress_tx, progress_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let _ = progress_tx.send(Progress::Ready);

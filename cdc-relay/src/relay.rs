@@ -244,11 +244,12 @@ async fn session(
                 "batch.size",
                 limit.saturating_sub(1024).min(1_000_000).to_string(),
             )
-            // What librdkafka holds until delivered, shared by the source's two producers:
-            // with the chunks in `Limits`, what bounds the relay's memory per source.
+            // What librdkafka holds until delivered: a quarter of the buffer for each of the
+            // source's two producers; the other half is chunks queued for them
+            // (producer::COMMANDS_QUEUED × chunk_bytes below).
             .set(
                 "queue.buffering.max.kbytes",
-                (config.buffer_bytes / 2 / 1024).to_string(),
+                (config.buffer_bytes / 4 / 1024).to_string(),
             )
             .set(
                 "transaction.timeout.ms",
@@ -268,7 +269,8 @@ async fn session(
         max_events: config.batch_max_events as usize,
         linger: config.batch_linger,
         chunk_events: CHUNK_EVENTS,
-        chunk_bytes: (config.buffer_bytes as usize / 8).min(1 << 20),
+        chunk_bytes: (config.buffer_bytes as usize / 2 / crate::producer::COMMANDS_QUEUED)
+            .min(1 << 20),
         // Leave the commit time to spare before the broker's own deadline.
         transaction_timeout: config.transaction_timeout * 9 / 10,
     };
