@@ -1,7 +1,7 @@
 //! cdc-relay: logical replication from every source database's outbox to Kafka.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,16 +27,26 @@ async fn main() -> anyhow::Result<()> {
     let registry = Arc::new(registry);
 
     let prepared = Arc::new(AtomicBool::new(false));
+    let prepare_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let health = Arc::new(relay::Health::default());
     let mut readiness = Readiness::new();
     for source in &config.sources {
         let url = config.source_url(source);
         let publication = config.publication.0.clone();
         let slot = config.slot(source);
+        let health = health.clone();
+        let name = source.0.clone();
         readiness = readiness.check(format!("source {}", source.0), move || {
             let url = url.clone();
             let publication = publication.clone();
             let slot = slot.clone();
-            async move { check_source(&url, &publication, &slot).await }
+            let stalled = health.stalled(&name);
+            async move {
+                match stalled {
+                    Some(stall) => Err(format!("slot {slot} {stall}")),
+                    None => check_source(&url, &publication, &slot).await,
+                }
+            }
         });
     }
     let readiness = readiness
@@ -50,13 +60,18 @@ async fn main() -> anyhow::Result<()> {
         .check("schema registry", config.registry.probe())
         .check("topics and schemas", {
             let prepared = prepared.clone();
+            let prepare_error = prepare_error.clone();
             move || {
                 let ok = prepared.load(Ordering::Relaxed);
+                let error = prepare_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 async move {
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err("not yet created/registered".to_string())
+                    match (ok, error) {
+                        (true, _) => Ok(()),
+                        (false, Some(e)) => Err(e),
+                        (false, None) => Err("not yet created/registered".to_string()),
                     }
                 }
             }
@@ -72,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
         "cdc-relay listening"
     );
 
-    let Some(schemas) = prepare(&config, &shutdown).await else {
+    let Some(schemas) = prepare(&config, &prepare_error, &shutdown).await else {
         server.await??;
         return Ok(());
     };
@@ -81,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         config,
         schemas,
         metrics,
+        health,
     });
 
     let mut tasks = Vec::new();
@@ -109,7 +125,11 @@ async fn main() -> anyhow::Result<()> {
 /// Creates the topics and registers the schemas, retrying until both succeed: until then the
 /// relay reads nothing, so a refused (incompatible) schema holds events back instead of losing
 /// them. `None` if asked to stop first.
-async fn prepare(config: &Config, shutdown: &CancellationToken) -> Option<SchemaCache> {
+async fn prepare(
+    config: &Config,
+    last_error: &Mutex<Option<String>>,
+    shutdown: &CancellationToken,
+) -> Option<SchemaCache> {
     let mut backoff = Duration::from_millis(500);
     loop {
         let attempt = async {
@@ -122,7 +142,8 @@ async fn prepare(config: &Config, shutdown: &CancellationToken) -> Option<Schema
         match attempt.await {
             Ok(schemas) => return Some(schemas),
             Err(e) => {
-                tracing::error!(error = %e, retry_in = ?backoff, "cannot prepare topics and schemas")
+                tracing::error!(error = %e, retry_in = ?backoff, "cannot prepare topics and schemas");
+                *last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
         }
         tokio::select! {

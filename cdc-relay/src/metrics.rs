@@ -39,6 +39,7 @@ pub struct Metrics {
     pub batch_events: Histogram,
     pub slot_lag: Family<SourceLabel, Gauge>,
     pub streaming: Family<SourceLabel, Gauge>,
+    pub stalled: Family<SourceLabel, Gauge>,
     pub confirmed_lsn: Family<SourceLabel, Gauge>,
     pub transactions_skipped: Family<SourceLabel, Counter>,
     pub errors: Family<ErrorLabel, Counter>,
@@ -56,6 +57,7 @@ impl Metrics {
             batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
             slot_lag: Family::default(),
             streaming: Family::default(),
+            stalled: Family::default(),
             confirmed_lsn: Family::default(),
             transactions_skipped: Family::default(),
             errors: Family::default(),
@@ -96,6 +98,11 @@ impl Metrics {
             m.streaming.clone(),
         );
         registry.register(
+            "source_stalled",
+            "1 while the source's sessions keep failing without acknowledging anything new (see /ready for where and why)",
+            m.stalled.clone(),
+        );
+        registry.register(
             "confirmed_lsn",
             "Last WAL position confirmed to Postgres (as a number)",
             m.confirmed_lsn.clone(),
@@ -116,6 +123,11 @@ impl Metrics {
     /// Creates a source's error series at 0, so that `increase()` sees its first error (a
     /// counter that appears at 1 looks like no increase) and alerts can name it.
     pub fn init_source(&self, source: &str, kinds: &[&'static str]) {
+        self.stalled
+            .get_or_create(&SourceLabel {
+                source: source.to_string(),
+            })
+            .set(0);
         for kind in kinds {
             let _ = self.errors.get_or_create(&ErrorLabel {
                 source: source.to_string(),

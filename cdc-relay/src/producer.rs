@@ -187,7 +187,6 @@ impl Sink {
             // Java clients' partitioner, so keys land where any other producer would put them.
             .set("partitioner", "murmur2_random")
             .set("queue.buffering.max.messages", "500000")
-            .set("message.timeout.ms", "60000")
             // The broker answers CONCURRENT_TRANSACTIONS while it is still writing the previous
             // transaction's markers; librdkafka's default 100 ms back-off on that retry would add
             // 100 ms to every batch.
@@ -200,6 +199,11 @@ impl Sink {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
             .unwrap_or(TXN_EXPIRY);
+        // librdkafka requires it to be at most the transaction timeout.
+        config.set(
+            "message.timeout.ms",
+            expiry.min(Duration::from_secs(60)).as_millis().to_string(),
+        );
         if config.get("batch.size").is_none() {
             config.set("batch.size", "1000000");
         }

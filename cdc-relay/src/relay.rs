@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Identifier};
 use crate::encode::{KafkaRecord, Origin};
+use crate::health::{ErrorClass, SourceHealth};
 use crate::machine::{Action, Input, Limits, Machine, Violation};
 use crate::metrics::{DeadLetterLabel, Metrics, SourceLabel, TopicLabel};
 use crate::outbox::{OutboxColumns, OutboxError};
@@ -26,6 +27,23 @@ pub struct RelayContext {
     pub config: Config,
     pub schemas: SchemaCache,
     pub metrics: Metrics,
+    pub health: Arc<Health>,
+}
+
+/// Each source's [`SourceHealth`], shared with `/ready`.
+#[derive(Default)]
+pub struct Health(std::sync::Mutex<HashMap<String, SourceHealth>>);
+
+impl Health {
+    fn with<T>(&self, source: &str, f: impl FnOnce(&mut SourceHealth) -> T) -> T {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(map.entry(source.to_string()).or_default())
+    }
+
+    /// Why `source` is stalled, if it is.
+    pub fn stalled(&self, source: &str) -> Option<String> {
+        self.with(source, |h| h.stalled().map(|s| s.to_string()))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +93,51 @@ impl SessionError {
         }
     }
 
+    /// What the relay does about it (README, "Errors").
+    pub fn class(&self) -> ErrorClass {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        match self {
+            SessionError::SlotBusy(_) => ErrorClass::Standby,
+            SessionError::SlotLost { .. }
+            | SessionError::Decode(_)
+            | SessionError::Outbox(_)
+            | SessionError::Protocol(_) => ErrorClass::Fatal,
+            SessionError::Postgres(text) => {
+                let refused = [
+                    "password authentication failed",
+                    "pg_hba.conf",
+                    "permission denied",
+                ];
+                if refused.iter().any(|r| text.contains(r)) {
+                    ErrorClass::Fatal
+                } else {
+                    ErrorClass::Retriable
+                }
+            }
+            SessionError::Replication(_) | SessionError::StreamEnded => ErrorClass::Retriable,
+            SessionError::Sink(SinkError::Kafka(e) | SinkError::Delivery(e)) => {
+                match e.rdkafka_error_code() {
+                    Some(
+                        Code::ProducerFenced
+                        | Code::InvalidProducerEpoch
+                        | Code::TransactionalIdAuthorizationFailed
+                        | Code::ClusterAuthorizationFailed
+                        | Code::TopicAuthorizationFailed
+                        | Code::SaslAuthenticationFailed
+                        | Code::Authentication
+                        | Code::MessageSizeTooLarge
+                        | Code::InvalidTransactionTimeout,
+                    ) => ErrorClass::Fatal,
+                    _ => ErrorClass::Retriable,
+                }
+            }
+            SessionError::Sink(SinkError::BadCheckpoint { .. }) => ErrorClass::Fatal,
+            SessionError::Sink(SinkError::CheckpointTimeout { .. } | SinkError::Task(_)) => {
+                ErrorClass::Retriable
+            }
+        }
+    }
+
     /// How long to wait before the next session, given the current back-off.
     fn retry_after(&self, backoff: Duration) -> Duration {
         match self {
@@ -96,22 +159,35 @@ pub async fn run_source(ctx: Arc<RelayContext>, source: Identifier, shutdown: Ca
     let mut last_busy_log: Option<Instant> = None;
     while !shutdown.is_cancelled() {
         let started = Instant::now();
-        let result = session(&ctx, &source, &shutdown).await;
+        // Where in the stream the session got to: the transaction a failure happened in.
+        let mut position = None;
+        let result = session(&ctx, &source, &shutdown, &mut position).await;
         ctx.metrics.streaming.get_or_create(&label).set(0);
         let err = match result {
             Ok(()) => break,
             Err(e) => e,
         };
         ctx.metrics.error(&source.0, err.kind());
-        match &err {
-            SessionError::SlotBusy(_) => {
+        let class = err.class();
+        let stall = ctx.health.with(&source.0, |h| {
+            h.failed(position, class, &err.to_string()).cloned()
+        });
+        ctx.metrics
+            .stalled
+            .get_or_create(&label)
+            .set(i64::from(stall.is_some()));
+        match (&err, stall) {
+            (SessionError::SlotBusy(_), _) => {
                 if last_busy_log.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                     tracing::info!(source = %source.0, "{err}");
                     last_busy_log = Some(Instant::now());
                 }
             }
-            _ => {
-                tracing::error!(source = %source.0, error = %err, retry_in = ?err.retry_after(backoff), "session failed")
+            (_, None) => {
+                tracing::error!(source = %source.0, error = %err, class = class.as_str(), retry_in = ?err.retry_after(backoff), "session failed")
+            }
+            (_, Some(stall)) => {
+                tracing::error!(source = %source.0, error = %err, class = class.as_str(), retry_in = ?err.retry_after(backoff), "session failed; source {stall}")
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
@@ -212,6 +288,7 @@ async fn session(
     ctx: &RelayContext,
     source: &Identifier,
     shutdown: &CancellationToken,
+    position: &mut Option<Lsn>,
 ) -> Result<(), SessionError> {
     let config = &ctx.config;
     let slot = config.slot(source);
@@ -232,9 +309,12 @@ async fn session(
 
     // Only now, holding the slot, may this process fence the previous producer.
     let kafka = || {
-        let mut c = config
+        config
             .kafka
-            .client_config(&format!("cdc-relay-{}", source.0));
+            .client_config(&format!("cdc-relay-{}", source.0))
+    };
+    let producer = {
+        let mut c = kafka();
         // librdkafka refuses a record above message.max.bytes (1,000,000 by default, below
         // Kafka's own limit); record.rs keeps every record within ours. A batch of small
         // records must fit the topic's limit too.
@@ -254,10 +334,19 @@ async fn session(
             .set(
                 "transaction.timeout.ms",
                 config.transaction_timeout.as_millis().to_string(),
+            )
+            // librdkafka refuses a transaction timeout shorter than its socket time-out.
+            .set(
+                "socket.timeout.ms",
+                config
+                    .transaction_timeout
+                    .as_millis()
+                    .min(60_000)
+                    .to_string(),
             );
         c
     };
-    let sink = Sink::create(kafka(), config.delivery, &config.checkpoint_topic, &slot).await?;
+    let sink = Sink::create(producer, config.delivery, &config.checkpoint_topic, &slot).await?;
     let checkpoint = sink.read_checkpoint(kafka()).await?;
     let label = SourceLabel {
         source: source.0.clone(),
@@ -281,8 +370,10 @@ async fn session(
         machine: Machine::new(checkpoint.unwrap_or_default(), limits),
         relations: HashMap::new(),
         per_topic: HashMap::new(),
+        position: None,
     };
     let result = stream.run(&mut repl, sink, shutdown).await;
+    *position = stream.position;
     repl.stop();
     let _ = tokio::time::timeout(Duration::from_secs(5), repl.shutdown()).await;
     result
@@ -296,6 +387,8 @@ struct Stream<'a> {
     relations: HashMap<u32, Option<Result<OutboxColumns, OutboxError>>>,
     /// Events per (topic, dead-letter reason) in the open Kafka transaction.
     per_topic: HashMap<(String, Option<&'static str>), u64>,
+    /// The last transaction begun or committed: where a failure happened.
+    position: Option<Lsn>,
 }
 
 /// Rows are handed to Kafka in chunks of at most this many (see `machine::Limits`).
@@ -383,10 +476,13 @@ impl Stream<'_> {
                 final_lsn,
                 commit_time_micros,
                 ..
-            } => Input::Begin {
-                final_lsn: Lsn(final_lsn.as_u64()),
-                commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
-            },
+            } => {
+                self.position = Some(Lsn(final_lsn.as_u64()));
+                Input::Begin {
+                    final_lsn: Lsn(final_lsn.as_u64()),
+                    commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
+                }
+            }
             ReplicationEvent::XLogData {
                 wal_start, data, ..
             } => match pgoutput::decode(&data)? {
@@ -434,9 +530,12 @@ impl Stream<'_> {
                 }
                 _ => return Ok(None),
             },
-            ReplicationEvent::Commit { end_lsn, .. } => Input::Commit {
-                end: Lsn(end_lsn.as_u64()),
-            },
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.position = Some(Lsn(end_lsn.as_u64()));
+                Input::Commit {
+                    end: Lsn(end_lsn.as_u64()),
+                }
+            }
             ReplicationEvent::KeepAlive { wal_end, .. } => Input::KeepAlive {
                 wal_end: Lsn(wal_end.as_u64()),
             },
@@ -482,6 +581,14 @@ impl Stream<'_> {
             }
             Action::Acknowledge(lsn) => {
                 repl.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+                if self
+                    .ctx
+                    .health
+                    .with(&self.source.0, |h| h.acknowledged(lsn))
+                {
+                    self.ctx.metrics.stalled.get_or_create(&self.label).set(0);
+                    tracing::info!(source = %self.source.0, at = %lsn, "source moves again: no longer stalled");
+                }
                 self.ctx
                     .metrics
                     .confirmed_lsn

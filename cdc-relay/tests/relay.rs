@@ -514,6 +514,141 @@ async fn wait_streaming(relay: &Service, deadline: Instant, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_too_long_for_the_kafka_timeout_is_refused_and_its_source_reported_stalled() {
+    let f = Fixture::new().await;
+    // A one-second transaction timeout: a 300,000-row transaction cannot be streamed within
+    // it, so every session fails at its Begin, and nothing of it may become visible.
+    let mut relay = Service::spawn(
+        BIN,
+        &f.env_with(&[
+            ("RELAY_TRANSACTION_TIMEOUT", "1s"),
+            ("RELAY_BUFFER_BYTES", "1048576"),
+            ("RELAY_MAX_RECORD_BYTES", "65536"),
+        ]),
+    );
+    relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+    assert_eq!(
+        gauge(
+            &relay.get("/metrics").await.1,
+            "kafkify_cdc_relay_source_stalled"
+        ),
+        Some(0)
+    );
+    f.db.owner()
+        .await
+        .batch_execute(&test_support::bench::outbox_insert_sql(300_000, 300, 0))
+        .await
+        .unwrap();
+    // Generous: the walsender decodes the whole transaction before each session's first row.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, metrics) = relay.get("/metrics").await;
+        if gauge(&metrics, "kafkify_cdc_relay_source_stalled") == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reported stalled: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = relay.get("/ready").await;
+    assert_eq!(status, 503, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let why = ready["checks"][format!("source {}", f.db.name)]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains(&format!("slot {} stalled at", f.slot())),
+        "{body}"
+    );
+    assert!(
+        why.contains("sessions in a row failed without progress"),
+        "{body}"
+    );
+    assert!(why.contains("raise RELAY_TRANSACTION_TIMEOUT"), "{body}");
+    let visible = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(3),
+        Duration::ZERO,
+        |r| !r.is_empty(),
+    )
+    .await;
+    assert!(
+        visible.is_empty(),
+        "{} records of a refused transaction",
+        visible.len()
+    );
+    drop(relay);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_taking_less_than_the_record_limit_is_refused_until_raised() {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier};
+    let f = Fixture::new().await;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        stack().kafka_config().create().unwrap();
+    let topic = f.topic("resource.created");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    admin
+        .create_topics(
+            &[
+                NewTopic::new(&topic, 1, rdkafka::admin::TopicReplication::Fixed(1))
+                    .set("max.message.bytes", "500000"),
+            ],
+            &opts,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+    let mut relay = Service::spawn(BIN, &f.env());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let why = loop {
+        let (status, body) = relay.get("/ready").await;
+        let ready: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let why = ready["checks"]["topics and schemas"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if why.contains("RELAY_MAX_RECORD_BYTES") {
+            assert_eq!(status, 503);
+            break why;
+        }
+        assert!(Instant::now() < deadline, "never refused: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(why.contains("RELAY_MAX_RECORD_BYTES is 1048588"), "{why}");
+    assert!(why.contains(&format!("{topic} (500000)")), "{why}");
+    // Raised by hand, as an operator would: the relay retries, becomes ready and publishes.
+    admin
+        .alter_configs(
+            &[AlterConfig::new(ResourceSpecifier::Topic(&topic))
+                .set("max.message.bytes", "1048588")],
+            &opts,
+        )
+        .await
+        .unwrap();
+    relay.wait_for("/ready", 200, Duration::from_secs(90)).await;
+    let row = created(Uuid::new_v4(), "fixed", 1);
+    insert(&f.db.owner().await, &row).await;
+    let got = consume(
+        std::slice::from_ref(&topic),
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        |r| !r.is_empty(),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].event_id(), row.0.to_string());
+    drop(relay);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_relay_takes_over_when_the_first_dies() {
     let f = Fixture::new().await;
     let first = f.relay().await;
