@@ -34,6 +34,25 @@ pub fn parse(value: &str) -> Option<Lsn> {
     v.get("lsn")?.as_str()?.parse().ok()
 }
 
+/// The ranges of offsets read to find a source's last checkpoint: the newest first, each ten
+/// times the one before, down to offset 0. Every source shares the topic and its active
+/// segment is never compacted, so reading from offset 0 made a restart slower the longer the
+/// relay had run; the newest records hold a busy source's checkpoint.
+pub fn windows(high: i64) -> impl Iterator<Item = (i64, i64)> {
+    let mut to = high;
+    let mut size = 1_000i64;
+    std::iter::from_fn(move || {
+        if to <= 0 {
+            return None;
+        }
+        let from = (to - size).max(0);
+        let window = (from, to);
+        to = from;
+        size = size.saturating_mul(10);
+        Some(window)
+    })
+}
+
 pub(crate) fn read(
     mut base: ClientConfig,
     topic: &str,
@@ -54,24 +73,39 @@ pub(crate) fn read(
     let (_, high) = end.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
     drop(end);
     let consumer: BaseConsumer = base.set("isolation.level", "read_committed").create()?;
-    if high == 0 {
-        return Ok(None);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
     let start = Instant::now();
+    for (from, to) in windows(high) {
+        if let Some(lsn) = read_window(&consumer, topic, key, from, to, start, limit)? {
+            return Ok(Some(lsn));
+        }
+    }
+    Ok(None)
+}
+
+/// The last checkpoint of `key` between offsets `from` and `to`.
+fn read_window(
+    consumer: &BaseConsumer,
+    topic: &str,
+    key: &str,
+    from: i64,
+    to: i64,
+    start: Instant,
+    limit: Duration,
+) -> Result<Option<Lsn>, SinkError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(from))?;
+    consumer.assign(&tpl)?;
     let mut last = None;
     loop {
-        // Read until our position passes the high watermark seen at the start: with
-        // read_committed the position also moves past aborted records and markers, and it
-        // gets there once every transaction open at the start has ended.
+        // Read until our position passes `to`: with read_committed the position also moves
+        // past aborted records and markers, and it gets there once every transaction open at
+        // the start has ended.
         let position = consumer
             .position()?
             .find_partition(topic, 0)
             .and_then(|p| p.offset().to_raw())
-            .unwrap_or(0);
-        if position >= high {
+            .unwrap_or(from);
+        if position >= to {
             return Ok(last);
         }
         if start.elapsed() > limit {
@@ -82,6 +116,9 @@ pub(crate) fn read(
         }
         if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
             let msg = msg?;
+            if msg.offset() >= to {
+                return Ok(last);
+            }
             if msg.key() == Some(key.as_bytes()) {
                 let value = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
                 last = Some(parse(&value).ok_or_else(|| SinkError::BadCheckpoint {
@@ -96,6 +133,22 @@ pub(crate) fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_go_back_from_the_end_growing_tenfold_and_cover_every_offset_once() {
+        let w: Vec<_> = windows(123_456).collect();
+        assert_eq!(
+            w,
+            vec![
+                (122_456, 123_456),
+                (112_456, 122_456),
+                (12_456, 112_456),
+                (0, 12_456)
+            ]
+        );
+        assert_eq!(windows(0).count(), 0);
+        assert_eq!(windows(5).collect::<Vec<_>>(), vec![(0, 5)]);
+    }
 
     #[test]
     fn checkpoint_values_round_trip() {

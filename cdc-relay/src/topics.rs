@@ -38,7 +38,9 @@ pub async fn ensure(
             let t = NewTopic::new(name, *partitions, TopicReplication::Fixed(-1))
                 .set("max.message.bytes", &limit);
             if *compacted {
-                t.set("cleanup.policy", "compact")
+                // Segments roll hourly, so the cleaner can compact all but the last hour: the
+                // active segment is never compacted, and a restart reads back through it.
+                t.set("cleanup.policy", "compact").set("segment.ms", "3600000")
             } else {
                 t
             }

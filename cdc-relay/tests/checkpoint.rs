@@ -113,3 +113,52 @@ async fn a_source_that_never_committed_has_no_checkpoint() {
 
     delete_topics(&topics).await;
 }
+
+/// Appends `n` checkpoint records of other sources, as a long-running relay leaves them in the
+/// never-compacted active segment.
+async fn other_sources_checkpoints(topic: &str, n: usize) {
+    let others: FutureProducer = stack().kafka_config().create().unwrap();
+    let keys: Vec<String> = (0..7).map(|i| format!("other-{i}")).collect();
+    let mut sends = Vec::with_capacity(n);
+    for i in 0..n {
+        let record = FutureRecord::to(topic)
+            .key(keys[i % 7].as_str())
+            .payload(r#"{"lsn":"0/1"}"#)
+            .partition(0);
+        sends.push(
+            others
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("queued"),
+        );
+    }
+    for s in sends {
+        s.await.unwrap().map_err(|(e, _)| e).expect("appended");
+    }
+}
+
+#[tokio::test]
+async fn among_a_hundred_thousand_checkpoints_the_newest_of_a_source_is_read() {
+    let topics = create_topics(&["checkpoint"], 1).await;
+    let topic = topics[0].clone();
+    let key = unique("slot");
+    commit_checkpoint(&topic, &key, 100).await;
+    commit_checkpoint(&topic, &key, 300).await;
+    other_sources_checkpoints(&topic, 100_000).await;
+
+    // A source idle since: its checkpoint is in the oldest window.
+    let started = std::time::Instant::now();
+    assert_eq!(restart_and_read(&topic, &key).await, Some(Lsn(300)));
+    let idle = started.elapsed();
+
+    // A busy source: its newest checkpoint is in the newest window, and wins.
+    commit_checkpoint(&topic, &key, 400).await;
+    let started = std::time::Instant::now();
+    assert_eq!(restart_and_read(&topic, &key).await, Some(Lsn(400)));
+    println!(
+        "checkpoint read behind 100,000 other records: {:.2} s for an idle source, {:.2} s for a busy one",
+        idle.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    delete_topics(&topics).await;
+}
