@@ -5,29 +5,12 @@
 use std::time::Duration;
 
 use reqwest::Method;
+use test_support::rng::Rng;
 use test_support::service::Service;
 use test_support::{Source, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_api-rest");
 const CASES: usize = 1500;
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 fn text(rng: &mut Rng) -> String {
     let pieces = [
@@ -49,14 +32,14 @@ fn text(rng: &mut Rng) -> String {
         "'; DROP TABLE resources; --",
         "\u{1}",
     ];
-    let n = rng.below(12);
+    let n = rng.index(12);
     let mut s = String::new();
     for _ in 0..n {
         let piece: &&str = rng.pick(&pieces);
         s.push_str(piece);
     }
-    if rng.below(20) == 0 {
-        s.push_str(&"x".repeat(190 + rng.below(30)));
+    if rng.index(20) == 0 {
+        s.push_str(&"x".repeat(190 + rng.index(30)));
     }
     s
 }
@@ -74,17 +57,17 @@ fn json_value(rng: &mut Rng, depth: usize) -> String {
         "1E-400",
         "0.0000001",
     ];
-    match rng.below(if depth > 3 { 4 } else { 7 }) {
+    match rng.index(if depth > 3 { 4 } else { 7 }) {
         0 => rng.pick(&numbers).to_string(),
         1 => serde_json::to_string(&text(rng)).unwrap(),
         2 => rng.pick(&["true", "false", "null"]).to_string(),
         3 => format!(
             "{}1{}",
-            "[".repeat(rng.below(300)),
-            "]".repeat(rng.below(300))
+            "[".repeat(rng.index(300)),
+            "]".repeat(rng.index(300))
         ),
         4 => {
-            let items: Vec<String> = (0..rng.below(4))
+            let items: Vec<String> = (0..rng.index(4))
                 .map(|_| json_value(rng, depth + 1))
                 .collect();
             format!("[{}]", items.join(","))
@@ -100,7 +83,7 @@ fn json_value(rng: &mut Rng, depth: usize) -> String {
                 "",
                 "name",
             ];
-            let fields: Vec<String> = (0..rng.below(5))
+            let fields: Vec<String> = (0..rng.index(5))
                 .map(|_| {
                     format!(
                         "{}:{}",
@@ -115,17 +98,17 @@ fn json_value(rng: &mut Rng, depth: usize) -> String {
 }
 
 fn body(rng: &mut Rng) -> Vec<u8> {
-    match rng.below(9) {
+    match rng.index(9) {
         // Near-valid: the right shape with hostile strings, so the write paths are reached too.
         6..=8 => {
-            let attrs: serde_json::Map<String, serde_json::Value> = (0..rng.below(4))
+            let attrs: serde_json::Map<String, serde_json::Value> = (0..rng.index(4))
                 .map(|_| (text(rng), serde_json::Value::String(text(rng))))
                 .collect();
             serde_json::json!({"name": text(rng), "description": text(rng), "attributes": attrs})
                 .to_string()
                 .into_bytes()
         }
-        0 => (0..rng.below(200)).map(|_| rng.next() as u8).collect(),
+        0 => (0..rng.index(200)).map(|_| rng.next_u64() as u8).collect(),
         1 => {
             let mut b = format!("{{\"name\":\"{}", text(rng)).into_bytes();
             b.extend_from_slice(&[0xff, 0xfe, 0xc3]);
@@ -133,7 +116,7 @@ fn body(rng: &mut Rng) -> Vec<u8> {
             b
         }
         2 => {
-            let attrs: Vec<String> = (0..rng.below(60))
+            let attrs: Vec<String> = (0..rng.index(60))
                 .map(|i| {
                     format!(
                         "\"k{i}{}\":{}",
@@ -168,7 +151,7 @@ async fn hostile_requests_never_get_a_5xx_and_leave_consistent_data() {
         .wait_for("/ready", 200, Duration::from_secs(30))
         .await;
     let http = test_support::api_client();
-    let mut rng = Rng(0x5eed_cafe_f00d_0001);
+    let mut rng = Rng::new(0x5eed_cafe_f00d_0001);
     let mut ids: Vec<String> = vec!["00000000-0000-0000-0000-000000000000".into()];
     let mut writes = 0i64;
     let mut statuses = std::collections::BTreeMap::new();
@@ -188,10 +171,10 @@ async fn hostile_requests_never_get_a_5xx_and_leave_consistent_data() {
             ])
             .clone();
         let id = rng.pick(&ids).clone();
-        let path = match if method == Method::POST && rng.below(4) != 0 {
+        let path = match if method == Method::POST && rng.index(4) != 0 {
             0
         } else {
-            rng.below(8)
+            rng.index(8)
         } {
             0 => "/api/v1/resources".to_string(),
             1 => format!(
@@ -227,7 +210,7 @@ async fn hostile_requests_never_get_a_5xx_and_leave_consistent_data() {
         if !content_type.is_empty() {
             req = req.header("content-type", *content_type);
         }
-        if rng.below(4) == 0 {
+        if rng.index(4) == 0 {
             req = req.header(
                 "if-match",
                 *rng.pick(&[
@@ -242,13 +225,13 @@ async fn hostile_requests_never_get_a_5xx_and_leave_consistent_data() {
                 ]),
             );
         }
-        if rng.below(4) == 0 {
+        if rng.index(4) == 0 {
             req = req.header(
                 "idempotency-key",
                 *rng.pick(&["k1", "k2", "", "with space", "é"]),
             );
         }
-        if rng.below(4) == 0 {
+        if rng.index(4) == 0 {
             req = req.header(
                 "traceparent",
                 *rng.pick(&[

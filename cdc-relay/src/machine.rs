@@ -397,6 +397,7 @@ impl<R> Machine<R> {
 mod tests {
     use super::*;
     use std::collections::{BTreeMap, VecDeque};
+    use test_support::rng::Rng;
 
     const LIMITS: Limits = Limits {
         max_events: 3,
@@ -660,24 +661,6 @@ mod tests {
     // exactly once, in commit order; no acknowledgement passes an event Kafka lacks; no
     // Postgres transaction is split between Kafka transactions.
 
-    /// xorshift64*: enough randomness for a model test, and every failure replays from its seed.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn chance(&mut self, percent: u64) -> bool {
-            self.below(100) < percent
-        }
-    }
-
     /// A committed Postgres transaction: its commit LSN and its events (ids).
     struct Tx {
         end: u64,
@@ -754,7 +737,7 @@ mod tests {
 
     /// Runs one random history; panics with the seed on any broken rule.
     fn history(seed: u64) {
-        let rng = &mut Rng(seed | 1);
+        let rng = &mut Rng::new(seed);
         let wal = workload(rng);
         let tx_of: BTreeMap<u32, u64> = wal
             .iter()

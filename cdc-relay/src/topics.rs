@@ -40,7 +40,8 @@ pub async fn ensure(
             if *compacted {
                 // Segments roll hourly, so the cleaner can compact all but the last hour: the
                 // active segment is never compacted, and a restart reads back through it.
-                t.set("cleanup.policy", "compact").set("segment.ms", "3600000")
+                t.set("cleanup.policy", "compact")
+                    .set("segment.ms", "3600000")
             } else {
                 t
             }

@@ -66,6 +66,15 @@ impl Fixture {
         format!("{}{event_type}", self.prefix)
     }
 
+    /// `resource.created`, its dead-letter topic and the one for unknown event types.
+    fn dead_letter_topics(&self) -> [String; 3] {
+        [
+            self.topic("resource.created"),
+            self.topic("resource.created.dlq"),
+            self.topic(cdc_relay::record::UNKNOWN_EVENT_TYPE_DLQ),
+        ]
+    }
+
     fn slot(&self) -> String {
         format!("kafkify_{}", self.db.name)
     }
@@ -77,7 +86,7 @@ impl Fixture {
 }
 
 /// One outbox row written by a test.
-fn created(id: Uuid, key: &str, version: i64) -> (Uuid, String, &'static str, String) {
+fn created(id: Uuid, key: &str, version: i64) -> Row {
     let payload = serde_json::to_string(&schemas::ResourceCreated {
         resource_id: Uuid::from_u128(version as u128),
         name: key.to_string(),
@@ -98,6 +107,27 @@ async fn insert(tx: &impl tokio_postgres::GenericClient, row: &(Uuid, String, &s
     )
     .await
     .unwrap();
+}
+
+type Row = (Uuid, String, &'static str, String);
+
+/// Writes `rows`, a transaction each, then reads `resource.created`, its dead-letter topic and
+/// the unknown-type one until as many records arrived (and a second more, for duplicates).
+async fn write_and_read_back(
+    f: &Fixture,
+    rows: &[&Row],
+    limit: Duration,
+) -> ([String; 3], Vec<Received>) {
+    let owner = f.db.owner().await;
+    for row in rows {
+        insert(&owner, row).await;
+    }
+    let topics = f.dead_letter_topics();
+    let got = consume(&topics, limit, Duration::from_secs(1), |r| {
+        r.len() >= rows.len()
+    })
+    .await;
+    (topics, got)
 }
 
 /// A record as a plain Confluent-format Avro consumer sees it.
@@ -697,7 +727,6 @@ async fn a_standby_relay_takes_over_when_the_first_dies() {
 async fn poison_events_are_dead_lettered_and_later_events_flow() {
     let f = Fixture::new().await;
     let relay = f.relay().await;
-    let owner = f.db.owner().await;
     let bad_payload = (
         Uuid::new_v4(),
         "p1".to_string(),
@@ -711,19 +740,10 @@ async fn poison_events_are_dead_lettered_and_later_events_flow() {
         "{}".to_string(),
     );
     let good = created(Uuid::new_v4(), "p3", 1);
-    for row in [&bad_payload, &unknown_type, &good] {
-        insert(&owner, row).await;
-    }
-    let topics = [
-        f.topic("resource.created"),
-        f.topic("resource.created.dlq"),
-        f.topic(cdc_relay::record::UNKNOWN_EVENT_TYPE_DLQ),
-    ];
-    let got = consume(
-        &topics,
+    let (topics, got) = write_and_read_back(
+        &f,
+        &[&bad_payload, &unknown_type, &good],
         Duration::from_secs(30),
-        Duration::from_secs(1),
-        |r| r.len() >= 3,
     )
     .await;
     assert_eq!(got.len(), 3, "{got:?}");
@@ -762,7 +782,7 @@ async fn poison_events_are_dead_lettered_and_later_events_flow() {
 }
 
 /// A `resource.created` row whose description is `bytes` long: valid for its schema.
-fn created_with_description(key: &str, bytes: usize) -> (Uuid, String, &'static str, String) {
+fn created_with_description(key: &str, bytes: usize) -> Row {
     let mut row = created(Uuid::new_v4(), key, 1);
     let mut payload: serde_json::Value = serde_json::from_str(&row.3).unwrap();
     payload["description"] = serde_json::Value::String("d".repeat(bytes));
@@ -781,7 +801,6 @@ async fn oversized_events_are_dead_lettered_without_their_payload_and_later_even
         &f.env_with(&[("RELAY_MAX_RECORD_BYTES", &LIMIT.to_string())]),
     );
     relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
-    let owner = f.db.owner().await;
     let before = created(Uuid::new_v4(), "o1", 1);
     let under = created_with_description("o2", 1_200_000);
     // Fits its schema, but its Avro record does not fit the limit.
@@ -794,19 +813,10 @@ async fn oversized_events_are_dead_lettered_without_their_payload_and_later_even
         serde_json::json!({ "blob": "y".repeat(20 << 20) }).to_string(),
     );
     let after = created(Uuid::new_v4(), "o5", 5);
-    for row in [&before, &under, &over, &huge, &after] {
-        insert(&owner, row).await;
-    }
-    let topics = [
-        f.topic("resource.created"),
-        f.topic("resource.created.dlq"),
-        f.topic(cdc_relay::record::UNKNOWN_EVENT_TYPE_DLQ),
-    ];
-    let got = consume(
-        &topics,
+    let (topics, got) = write_and_read_back(
+        &f,
+        &[&before, &under, &over, &huge, &after],
         Duration::from_secs(60),
-        Duration::from_secs(1),
-        |r| r.len() >= 5,
     )
     .await;
     assert_eq!(
@@ -883,7 +893,7 @@ async fn oversized_events_are_dead_lettered_without_their_payload_and_later_even
 }
 
 /// A valid `resource.deleted` row.
-fn deleted_row() -> (Uuid, String, &'static str, String) {
+fn deleted_row() -> Row {
     let id = Uuid::new_v4();
     let payload = serde_json::to_string(&schemas::ResourceDeleted {
         resource_id: id,

@@ -16,6 +16,7 @@ use rdkafka::ClientConfig;
 use uuid::Uuid;
 
 pub mod bench;
+pub mod rng;
 pub mod service;
 
 mod migrations {
