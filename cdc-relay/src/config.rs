@@ -89,6 +89,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = platform::config::parse_duration)]
     pub transaction_timeout: std::time::Duration,
 
+    /// What to do when a source's slot is missing although Kafka holds a checkpoint for it
+    /// (after a failover without the slot, a restore, or a dropped slot): `refuse` (the source
+    /// stays stalled, naming the checkpoint), or `create` a new slot at the current position,
+    /// accepting that events between the checkpoint and it may be missing (logged).
+    #[arg(long, env = "RELAY_MISSING_SLOT", value_enum, default_value = "refuse")]
+    pub missing_slot: MissingSlot,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
@@ -97,6 +104,12 @@ pub struct Config {
 
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingSlot {
+    Refuse,
+    Create,
 }
 
 /// Kafka's default `max.message.bytes` (1 MiB and 12 bytes).

@@ -166,7 +166,8 @@ async fn check_source(
     let row = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $2)",
+                    (SELECT confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots
+                      WHERE slot_name = $2)",
             &[&publication, &slot],
         )
         .await
@@ -176,9 +177,16 @@ async fn check_source(
             "publication `{publication}` does not exist (run the migrations)"
         ));
     }
-    // Only what commits after the slot exists is captured: until then, writes would be missed.
-    if !row.get::<_, bool>(1) {
-        return Err(format!("replication slot `{slot}` does not exist yet"));
+    // Only what commits after the slot's consistent point is captured: until then, writes
+    // would be missed. A slot being created is listed before it has one (confirmed_flush_lsn
+    // is NULL while it waits for the transactions open at its creation to end).
+    match row.get::<_, Option<bool>>(1) {
+        None => Err(format!("replication slot `{slot}` does not exist yet")),
+        Some(false) => Err(format!(
+            "replication slot `{slot}` is being created: it waits for every transaction open \
+             since before it to end (see pg_stat_activity); writes committed until then are \
+             not captured"
+        )),
+        Some(true) => Ok(()),
     }
-    Ok(())
 }

@@ -12,7 +12,8 @@ use pgwire_replication::client::ReplicationEvent;
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Identifier};
+use crate::checkpoint;
+use crate::config::{Config, Delivery, Identifier, MissingSlot};
 use crate::encode::{KafkaRecord, Origin};
 use crate::health::{ErrorClass, SourceHealth};
 use crate::machine::{Action, Input, Limits, Machine, Violation};
@@ -52,6 +53,8 @@ pub enum SessionError {
     SlotBusy(String),
     #[error("replication slot `{slot}` was invalidated (wal_status = lost): WAL it needed was removed, so events may be missing. Investigate, then drop the slot to start afresh from the current position")]
     SlotLost { slot: String },
+    #[error("replication slot `{slot}` is missing, but Kafka holds a checkpoint for it at {checkpoint}: after a failover without the slot, a restore or a dropped slot, events committed after {checkpoint} may be missing. Check the outbox tables from there, then set RELAY_MISSING_SLOT=create to start from the current position")]
+    SlotMissing { slot: String, checkpoint: Lsn },
     #[error("Postgres: {0}")]
     Postgres(String),
     #[error("replication: {0}")]
@@ -73,6 +76,7 @@ impl SessionError {
     pub const KINDS: &'static [&'static str] = &[
         "slot_busy",
         "slot_lost",
+        "slot_missing",
         "postgres",
         "replication",
         "decode",
@@ -85,6 +89,7 @@ impl SessionError {
         match self {
             SessionError::SlotBusy(_) => "slot_busy",
             SessionError::SlotLost { .. } => "slot_lost",
+            SessionError::SlotMissing { .. } => "slot_missing",
             SessionError::Postgres(_) => "postgres",
             SessionError::Replication(_) | SessionError::StreamEnded => "replication",
             SessionError::Decode(_) | SessionError::Protocol(_) => "decode",
@@ -99,6 +104,7 @@ impl SessionError {
         match self {
             SessionError::SlotBusy(_) => ErrorClass::Standby,
             SessionError::SlotLost { .. }
+            | SessionError::SlotMissing { .. }
             | SessionError::Decode(_)
             | SessionError::Outbox(_)
             | SessionError::Protocol(_) => ErrorClass::Fatal,
@@ -143,7 +149,9 @@ impl SessionError {
         match self {
             // Polling a busy slot is cheap, and fast polling means fast take-over.
             SessionError::SlotBusy(_) => Duration::from_secs(1),
-            SessionError::SlotLost { .. } => Duration::from_secs(30),
+            SessionError::SlotLost { .. } | SessionError::SlotMissing { .. } => {
+                Duration::from_secs(30)
+            }
             _ => backoff,
         }
     }
@@ -203,9 +211,8 @@ pub async fn run_source(ctx: Arc<RelayContext>, source: Identifier, shutdown: Ca
     tracing::info!(source = %source.0, "source stopped");
 }
 
-/// Creates the slot if it is missing; refuses a slot whose WAL is gone.
-async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), SessionError> {
-    let pg = |e: tokio_postgres::Error| SessionError::Postgres(platform::db::describe(&e));
+/// Whether the slot exists; refuses a slot whose WAL is gone.
+async fn slot_exists(client: &tokio_postgres::Client, slot: &str) -> Result<bool, SessionError> {
     let row = client
         .query_opt(
             "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
@@ -221,23 +228,78 @@ async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), 
                     slot: slot.to_string(),
                 });
             }
+            Ok(true)
         }
-        None => {
-            // Two relays starting at once may both try; the loser's error is harmless.
-            match client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await
-            {
-                Ok(_) => tracing::info!(slot, "created replication slot"),
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
-                Err(e) => return Err(pg(e)),
-            }
+        None => Ok(false),
+    }
+}
+
+/// Creates the slot; its consistent point, where streaming will start.
+async fn create_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<String>, SessionError> {
+    // Two relays starting at once may both try; the loser's error is harmless.
+    match client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+    {
+        Ok(row) => {
+            let at: String = row.get(0);
+            tracing::info!(slot, at, "created replication slot");
+            Ok(Some(at))
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(None),
+        Err(e) => Err(pg(e)),
+    }
+}
+
+fn pg(e: tokio_postgres::Error) -> SessionError {
+    SessionError::Postgres(platform::db::describe(&e))
+}
+
+/// A missing slot while Kafka holds a checkpoint for it means the WAL between the two was
+/// never read here: refuse, or with RELAY_MISSING_SLOT=create, say so and go on. True when the
+/// session must not skip by the old checkpoint (its LSNs belong to the slot that is gone).
+async fn check_missing_slot(
+    ctx: &RelayContext,
+    source: &Identifier,
+    slot: &str,
+) -> Result<bool, SessionError> {
+    let config = &ctx.config;
+    if config.delivery != Delivery::ExactlyOnce {
+        return Ok(false);
+    }
+    let base = config
+        .kafka
+        .client_config(&format!("cdc-relay-{}", source.0));
+    let topic = config.checkpoint_topic.clone();
+    let key = slot.to_string();
+    let limit = checkpoint::read_limit(config.transaction_timeout);
+    let found = tokio::task::spawn_blocking(move || checkpoint::read(base, &topic, &key, limit))
+        .await
+        .map_err(|e| SinkError::Task(e.to_string()))??;
+    let Some(at) = found else {
+        return Ok(false);
+    };
+    match config.missing_slot {
+        MissingSlot::Refuse => Err(SessionError::SlotMissing {
+            slot: slot.to_string(),
+            checkpoint: at,
+        }),
+        MissingSlot::Create => {
+            tracing::warn!(
+                source = %source.0,
+                slot,
+                checkpoint = %at,
+                "RELAY_MISSING_SLOT=create: creating a new slot although Kafka holds a checkpoint; events committed after the checkpoint and before the new slot's position (logged next) may be missing"
+            );
+            Ok(true)
         }
     }
-    Ok(())
 }
 
 fn replication_config(
@@ -295,7 +357,11 @@ async fn session(
     let sql = platform::db::connect(&config.source_url(source))
         .await
         .map_err(|e| SessionError::Postgres(e.to_string()))?;
-    ensure_slot(&sql, &slot).await?;
+    let mut fresh = false;
+    if !slot_exists(&sql, &slot).await? {
+        fresh = check_missing_slot(ctx, source, &slot).await?;
+        create_slot(&sql, &slot).await?;
+    }
     drop(sql);
 
     let mut repl = ReplicationClient::connect(replication_config(config, source, &slot)?).await?;
@@ -367,7 +433,14 @@ async fn session(
         ctx,
         source,
         label,
-        machine: Machine::new(checkpoint.unwrap_or_default(), limits),
+        machine: Machine::new(
+            if fresh {
+                Lsn::default()
+            } else {
+                checkpoint.unwrap_or_default()
+            },
+            limits,
+        ),
         relations: HashMap::new(),
         per_topic: HashMap::new(),
         position: None,

@@ -679,6 +679,115 @@ async fn a_topic_taking_less_than_the_record_limit_is_refused_until_raised() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_slot_with_a_checkpoint_in_kafka_is_refused_until_told_to_start_afresh() {
+    let f = Fixture::new().await;
+    let topic = f.topic("resource.created");
+    let read_all = |n: usize| {
+        let topic = topic.clone();
+        async move {
+            consume(
+                &[topic],
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+                |r| r.len() >= n,
+            )
+            .await
+        }
+    };
+    let relay = f.relay().await;
+    let first = created(Uuid::new_v4(), "m1", 1);
+    insert(&f.db.owner().await, &first).await;
+    assert_eq!(read_all(1).await.len(), 1);
+    relay.terminate(Duration::from_secs(30)).await;
+
+    // The slot disappears (a failover without it, a restore, a DROP by hand).
+    let admin = stack().admin().await;
+    admin
+        .execute("SELECT pg_drop_replication_slot($1)", &[&f.slot()])
+        .await
+        .unwrap();
+    let slots = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&f.slot()],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+
+    let relay = Service::spawn(BIN, &f.env());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, metrics) = relay.get("/metrics").await;
+        let refused = metrics.lines().any(|l| {
+            l.starts_with("kafkify_cdc_relay_errors_total{")
+                && l.contains("kind=\"slot_missing\"")
+                && !l.ends_with(" 0")
+        });
+        if refused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never refused: {metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(slots().await, 0, "no new slot while refusing");
+    drop(relay);
+
+    // Told to start afresh: a new slot, and what is written from then on flows.
+    let mut relay = Service::spawn(BIN, &f.env_with(&[("RELAY_MISSING_SLOT", "create")]));
+    relay
+        .wait_for("/ready", 200, Duration::from_secs(120))
+        .await;
+    assert_eq!(slots().await, 1);
+    let second = created(Uuid::new_v4(), "m2", 2);
+    insert(&f.db.owner().await, &second).await;
+    let got = read_all(2).await;
+    let ids: Vec<String> = got.iter().map(|r| r.event_id()).collect();
+    assert_eq!(ids, vec![first.0.to_string(), second.0.to_string()]);
+    drop(relay);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn not_ready_while_the_slot_waits_for_an_open_transaction() {
+    let f = Fixture::new().await;
+    // A transaction with an id, open before the slot: the slot's creation waits for it, and
+    // whatever commits meanwhile is never captured, so the relay must not say it is ready.
+    let open = f.db.owner().await;
+    open.batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    let mut relay = Service::spawn(BIN, &f.env());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = relay.get("/ready").await;
+        if body.contains("is being created") {
+            assert_eq!(status, 503, "{body}");
+            break;
+        }
+        assert_ne!(status, 200, "ready before the slot can capture: {body}");
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    open.batch_execute("COMMIT").await.unwrap();
+    relay.wait_for("/ready", 200, Duration::from_secs(60)).await;
+    let row = created(Uuid::new_v4(), "ready", 1);
+    insert(&f.db.owner().await, &row).await;
+    let got = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(60),
+        Duration::ZERO,
+        |r| !r.is_empty(),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    drop(relay);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_relay_takes_over_when_the_first_dies() {
     let f = Fixture::new().await;
     let first = f.relay().await;
