@@ -10,6 +10,8 @@
 //! The position is the failing transaction's, not the acknowledged one: keepalives move the
 //! acknowledged position over other databases' WAL while the same transaction keeps failing.
 
+use std::collections::HashMap;
+
 use crate::pgoutput::Lsn;
 
 /// Failed sessions in a row, at one position, that make a source stalled.
@@ -111,6 +113,22 @@ impl SourceHealth {
 
     pub fn stalled(&self) -> Option<&Stall> {
         self.stalled.as_ref()
+    }
+}
+
+/// Each source's [`SourceHealth`], shared with `/ready`.
+#[derive(Default)]
+pub struct Health(std::sync::Mutex<HashMap<String, SourceHealth>>);
+
+impl Health {
+    pub(crate) fn with<T>(&self, source: &str, f: impl FnOnce(&mut SourceHealth) -> T) -> T {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(map.entry(source.to_string()).or_default())
+    }
+
+    /// Why `source` is stalled, if it is.
+    pub fn stalled(&self, source: &str) -> Option<String> {
+        self.with(source, |h| h.stalled().map(|s| s.to_string()))
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod encode;
+pub mod error;
 pub mod health;
 pub mod machine;
 pub mod metrics;

@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
 
     let prepared = Arc::new(AtomicBool::new(false));
     let prepare_error: Arc<Mutex<Option<String>>> = Arc::default();
-    let health = Arc::new(relay::Health::default());
+    let health = Arc::new(cdc_relay::health::Health::default());
     let mut readiness = Readiness::new();
     for source in &config.sources {
         let url = config.source_url(source);
@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for source in ctx.config.sources.clone() {
         ctx.metrics
-            .init_source(&source.0, relay::SessionError::KINDS);
+            .init_source(&source.0, cdc_relay::error::SessionError::KINDS);
         tasks.push(tokio::spawn(relay::run_source(
             ctx.clone(),
             source,

@@ -1,0 +1,119 @@
+//! Why a source's session ended, and what the relay does about each kind (README, "Errors").
+
+use std::time::Duration;
+
+use crate::health::ErrorClass;
+use crate::machine::Violation;
+use crate::outbox::OutboxError;
+use crate::pgoutput::{self, Lsn};
+use crate::producer::SinkError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("replication slot `{0}` is held by another relay; standing by")]
+    SlotBusy(String),
+    #[error("replication slot `{slot}` was invalidated (wal_status = lost): WAL it needed was removed, so events may be missing. Investigate, then drop the slot to start afresh from the current position")]
+    SlotLost { slot: String },
+    #[error("replication slot `{slot}` is missing, but Kafka holds a checkpoint for it at {checkpoint}: after a failover without the slot, a restore or a dropped slot, events committed after {checkpoint} may be missing. Check the outbox tables from there, then set RELAY_MISSING_SLOT=create to start from the current position")]
+    SlotMissing { slot: String, checkpoint: Lsn },
+    #[error("Postgres: {0}")]
+    Postgres(String),
+    #[error("replication: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    #[error("pgoutput: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("outbox: {0}")]
+    Outbox(#[from] OutboxError),
+    #[error("replication stream ended unexpectedly")]
+    StreamEnded,
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("replication protocol: {0}")]
+    Protocol(#[from] Violation),
+}
+
+impl SessionError {
+    /// Every label [`SessionError::kind`] gives.
+    pub const KINDS: &'static [&'static str] = &[
+        "slot_busy",
+        "slot_lost",
+        "slot_missing",
+        "postgres",
+        "replication",
+        "decode",
+        "outbox",
+        "kafka",
+    ];
+
+    /// A label for the errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionError::SlotBusy(_) => "slot_busy",
+            SessionError::SlotLost { .. } => "slot_lost",
+            SessionError::SlotMissing { .. } => "slot_missing",
+            SessionError::Postgres(_) => "postgres",
+            SessionError::Replication(_) | SessionError::StreamEnded => "replication",
+            SessionError::Decode(_) | SessionError::Protocol(_) => "decode",
+            SessionError::Outbox(_) => "outbox",
+            SessionError::Sink(_) => "kafka",
+        }
+    }
+
+    /// What the relay does about it (README, "Errors").
+    pub fn class(&self) -> ErrorClass {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        match self {
+            SessionError::SlotBusy(_) => ErrorClass::Standby,
+            SessionError::SlotLost { .. }
+            | SessionError::SlotMissing { .. }
+            | SessionError::Decode(_)
+            | SessionError::Outbox(_)
+            | SessionError::Protocol(_) => ErrorClass::Fatal,
+            SessionError::Postgres(text) => {
+                let refused = [
+                    "password authentication failed",
+                    "pg_hba.conf",
+                    "permission denied",
+                ];
+                if refused.iter().any(|r| text.contains(r)) {
+                    ErrorClass::Fatal
+                } else {
+                    ErrorClass::Retriable
+                }
+            }
+            SessionError::Replication(_) | SessionError::StreamEnded => ErrorClass::Retriable,
+            SessionError::Sink(SinkError::Kafka(e) | SinkError::Delivery(e)) => {
+                match e.rdkafka_error_code() {
+                    Some(
+                        Code::ProducerFenced
+                        | Code::InvalidProducerEpoch
+                        | Code::TransactionalIdAuthorizationFailed
+                        | Code::ClusterAuthorizationFailed
+                        | Code::TopicAuthorizationFailed
+                        | Code::SaslAuthenticationFailed
+                        | Code::Authentication
+                        | Code::MessageSizeTooLarge
+                        | Code::InvalidTransactionTimeout,
+                    ) => ErrorClass::Fatal,
+                    _ => ErrorClass::Retriable,
+                }
+            }
+            SessionError::Sink(SinkError::BadCheckpoint { .. }) => ErrorClass::Fatal,
+            SessionError::Sink(SinkError::CheckpointTimeout { .. } | SinkError::Task(_)) => {
+                ErrorClass::Retriable
+            }
+        }
+    }
+
+    /// How long to wait before the next session, given the current back-off.
+    pub fn retry_after(&self, backoff: Duration) -> Duration {
+        match self {
+            // Polling a busy slot is cheap, and fast polling means fast take-over.
+            SessionError::SlotBusy(_) => Duration::from_secs(1),
+            SessionError::SlotLost { .. } | SessionError::SlotMissing { .. } => {
+                Duration::from_secs(30)
+            }
+            _ => backoff,
+        }
+    }
+}
