@@ -53,7 +53,19 @@ pub fn windows(high: i64) -> impl Iterator<Item = (i64, i64)> {
     })
 }
 
-pub(crate) fn read(
+/// [`read`] off the async threads: it polls a blocking consumer.
+pub async fn read_async(
+    base: ClientConfig,
+    topic: String,
+    key: String,
+    limit: Duration,
+) -> Result<Option<Lsn>, SinkError> {
+    tokio::task::spawn_blocking(move || read(base, &topic, &key, limit))
+        .await
+        .map_err(|e| SinkError::Task(e.to_string()))?
+}
+
+fn read(
     mut base: ClientConfig,
     topic: &str,
     key: &str,

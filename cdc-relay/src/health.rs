@@ -123,6 +123,10 @@ pub struct Health(std::sync::Mutex<HashMap<String, SourceHealth>>);
 impl Health {
     pub(crate) fn with<T>(&self, source: &str, f: impl FnOnce(&mut SourceHealth) -> T) -> T {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Called on every acknowledgement: no allocation once the source has an entry.
+        if let Some(health) = map.get_mut(source) {
+            return f(health);
+        }
         f(map.entry(source.to_string()).or_default())
     }
 

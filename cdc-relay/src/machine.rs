@@ -202,8 +202,8 @@ impl<R> Machine<R> {
         self.filling.events == 0 && self.in_flight == 0
     }
 
-    /// The commit time of the transaction being received, if one is and its rows are wanted
-    /// (not already in Kafka).
+    /// The commit time of the transaction being received, if one is (see [`Self::skipping`]
+    /// for whether its rows are wanted).
     pub fn open_commit_ts(&self) -> Option<i64> {
         self.open.as_ref().map(|o| o.commit_ts_micros)
     }

@@ -238,10 +238,13 @@ impl Sink {
         if self.delivery != Delivery::ExactlyOnce {
             return Ok(None);
         }
-        let topic = self.checkpoint_topic.clone();
-        let key = self.checkpoint_key.clone();
-        let limit = checkpoint::read_limit(self.expiry);
-        blocking(move || checkpoint::read(base, &topic, &key, limit)).await?
+        checkpoint::read_async(
+            base,
+            self.checkpoint_topic.clone(),
+            self.checkpoint_key.clone(),
+            checkpoint::read_limit(self.expiry),
+        )
+        .await
     }
 
     /// Starts the publishing pipeline. It reports `Ready` first and after each `Commit`, each

@@ -109,11 +109,8 @@ async fn slot_exists(client: &tokio_postgres::Client, slot: &str) -> Result<bool
     }
 }
 
-/// Creates the slot; its consistent point, where streaming will start.
-async fn create_slot(
-    client: &tokio_postgres::Client,
-    slot: &str,
-) -> Result<Option<String>, SessionError> {
+/// Creates the slot, logging its consistent point (where streaming will start).
+async fn create_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), SessionError> {
     // Two relays starting at once may both try; the loser's error is harmless.
     match client
         .query_one(
@@ -125,9 +122,9 @@ async fn create_slot(
         Ok(row) => {
             let at: String = row.get(0);
             tracing::info!(slot, at, "created replication slot");
-            Ok(Some(at))
+            Ok(())
         }
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(None),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
         Err(e) => Err(pg(e)),
     }
 }
@@ -140,23 +137,21 @@ fn pg(e: tokio_postgres::Error) -> SessionError {
 /// never read here: refuse, or with RELAY_MISSING_SLOT=create, say so and go on. True when the
 /// session must not skip by the old checkpoint (its LSNs belong to the slot that is gone).
 async fn check_missing_slot(
-    ctx: &RelayContext,
+    config: &Config,
+    kafka: rdkafka::ClientConfig,
     source: &Identifier,
     slot: &str,
 ) -> Result<bool, SessionError> {
-    let config = &ctx.config;
     if config.delivery != Delivery::ExactlyOnce {
         return Ok(false);
     }
-    let base = config
-        .kafka
-        .client_config(&format!("cdc-relay-{}", source.0));
-    let topic = config.checkpoint_topic.clone();
-    let key = slot.to_string();
-    let limit = checkpoint::read_limit(config.transaction_timeout);
-    let found = tokio::task::spawn_blocking(move || checkpoint::read(base, &topic, &key, limit))
-        .await
-        .map_err(|e| SinkError::Task(e.to_string()))??;
+    let found = checkpoint::read_async(
+        kafka,
+        config.checkpoint_topic.clone(),
+        slot.to_string(),
+        checkpoint::read_limit(config.transaction_timeout),
+    )
+    .await?;
     let Some(at) = found else {
         return Ok(false);
     };
@@ -229,12 +224,17 @@ async fn session(
 ) -> Result<(), SessionError> {
     let config = &ctx.config;
     let slot = config.slot(source);
+    let kafka = || {
+        config
+            .kafka
+            .client_config(&format!("cdc-relay-{}", source.0))
+    };
     let sql = platform::db::connect(&config.source_url(source))
         .await
         .map_err(|e| SessionError::Postgres(e.to_string()))?;
     let mut fresh = false;
     if !slot_exists(&sql, &slot).await? {
-        fresh = check_missing_slot(ctx, source, &slot).await?;
+        fresh = check_missing_slot(config, kafka(), source, &slot).await?;
         create_slot(&sql, &slot).await?;
     }
     drop(sql);
@@ -249,11 +249,6 @@ async fn session(
     }
 
     // Only now, holding the slot, may this process fence the previous producer.
-    let kafka = || {
-        config
-            .kafka
-            .client_config(&format!("cdc-relay-{}", source.0))
-    };
     let producer = {
         let mut c = kafka();
         // librdkafka refuses a record above message.max.bytes (1,000,000 by default, below
