@@ -24,14 +24,110 @@ pub fn already_published(commit_end: Lsn, checkpoint: Lsn) -> bool {
     commit_end <= checkpoint
 }
 
-pub fn value(lsn: Lsn) -> String {
-    format!("{{\"lsn\":\"{lsn}\"}}")
+/// Whose checkpoint a record is: the Postgres cluster (its system identifier, which a physical
+/// standby shares, so a promoted standby finds its primary's checkpoints), the database, the
+/// slot, and the topic namespace the events went to. Every relay of every deployment may share
+/// one Kafka cluster and one checkpoint topic; the key and the transactional ids carry all of
+/// it, so two deployments with the same slot names never read each other's checkpoint or fence
+/// each other's producers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub system_id: String,
+    pub database: String,
+    pub slot: String,
+    pub topic_prefix: String,
 }
 
-/// Parses what [`value`] wrote.
-pub fn parse(value: &str) -> Option<Lsn> {
+impl Identity {
+    /// The checkpoint record's key: `system_id/database/slot`, then `/topic_prefix` when there
+    /// is one. Unambiguous: no part but the last may hold a `/`, and topic names cannot.
+    pub fn key(&self) -> String {
+        let mut key = format!("{}/{}/{}", self.system_id, self.database, self.slot);
+        if !self.topic_prefix.is_empty() {
+            key.push('/');
+            key.push_str(&self.topic_prefix);
+        }
+        key
+    }
+
+    /// The transactional ids of the source's two producers.
+    pub fn transactional_ids(&self) -> [String; 2] {
+        let key = self.key();
+        [
+            format!("kafkify-relay/{key}#0"),
+            format!("kafkify-relay/{key}#1"),
+        ]
+    }
+
+    /// Relays before checkpoints were namespaced keyed them by the slot name alone.
+    pub fn legacy_key(&self) -> &str {
+        &self.slot
+    }
+
+    /// …and named their producers after it.
+    pub fn legacy_transactional_ids(&self) -> [String; 2] {
+        [
+            format!("kafkify-relay-{}", self.slot),
+            format!("kafkify-relay-{}.1", self.slot),
+        ]
+    }
+}
+
+/// A source's checkpoint as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub lsn: Lsn,
+    /// The Postgres timeline the relay streamed from when it wrote the record (not in legacy
+    /// records).
+    pub timeline: Option<u32>,
+}
+
+/// The record a commit writes: the LSN, and whose it is (for operators, and so that a reader
+/// can check that the key meant what it says).
+pub fn value(identity: &Identity, timeline: u32, lsn: Lsn) -> String {
+    serde_json::json!({
+        "lsn": lsn.to_string(),
+        "system_id": identity.system_id,
+        "timeline": timeline,
+        "database": identity.database,
+        "slot": identity.slot,
+        "topic_prefix": identity.topic_prefix,
+    })
+    .to_string()
+}
+
+/// What a record says, and whether it belongs to `identity`: `None` when it is unreadable or
+/// names another source (a legacy record names none).
+pub fn parse(value: &str, identity: &Identity) -> Option<Checkpoint> {
     let v: serde_json::Value = serde_json::from_str(value).ok()?;
-    v.get("lsn")?.as_str()?.parse().ok()
+    let lsn = v.get("lsn")?.as_str()?.parse().ok()?;
+    let field = |name: &str| v.get(name).map(|f| f.as_str());
+    let fields = [
+        ("system_id", identity.system_id.as_str()),
+        ("database", identity.database.as_str()),
+        ("slot", identity.slot.as_str()),
+        ("topic_prefix", identity.topic_prefix.as_str()),
+    ];
+    for (name, ours) in fields {
+        match field(name) {
+            None => {}
+            Some(Some(theirs)) if theirs == ours => {}
+            Some(_) => return None,
+        }
+    }
+    let timeline = match v.get("timeline") {
+        None => None,
+        Some(t) => Some(u32::try_from(t.as_u64()?).ok()?),
+    };
+    Some(Checkpoint { lsn, timeline })
+}
+
+/// What the checkpoint topic holds for a source: its own latest record, and the latest one
+/// under its legacy key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Found {
+    pub current: Option<Checkpoint>,
+    pub legacy: Option<Checkpoint>,
 }
 
 /// The ranges of offsets read to find a source's last checkpoint: the newest first, each ten
@@ -57,20 +153,23 @@ pub fn windows(high: i64) -> impl Iterator<Item = (i64, i64)> {
 pub async fn read_async(
     base: ClientConfig,
     topic: String,
-    key: String,
+    identity: Identity,
     limit: Duration,
-) -> Result<Option<Lsn>, SinkError> {
-    tokio::task::spawn_blocking(move || read(base, &topic, &key, limit))
+) -> Result<Found, SinkError> {
+    tokio::task::spawn_blocking(move || read(base, &topic, &identity, limit))
         .await
         .map_err(|e| SinkError::Task(e.to_string()))?
 }
 
+/// The source's latest checkpoint and, while it has none, the latest legacy one: windows are
+/// read from the end until one holds the source's own key.
 fn read(
     mut base: ClientConfig,
     topic: &str,
-    key: &str,
+    identity: &Identity,
     limit: Duration,
-) -> Result<Option<Lsn>, SinkError> {
+) -> Result<Found, SinkError> {
+    let key = identity.key();
     let group = format!("kafkify-relay-checkpoint-{key}");
     base.set("group.id", group)
         .set("enable.auto.commit", "false");
@@ -86,28 +185,34 @@ fn read(
     drop(end);
     let consumer: BaseConsumer = base.set("isolation.level", "read_committed").create()?;
     let start = Instant::now();
+    let mut found = Found::default();
     for (from, to) in windows(high) {
-        if let Some(lsn) = read_window(&consumer, topic, key, from, to, start, limit)? {
-            return Ok(Some(lsn));
+        let window = read_window(&consumer, topic, identity, from, to, start, limit)?;
+        // The newest window holding a key wins: windows go back in time.
+        found.legacy = found.legacy.or(window.legacy);
+        if window.current.is_some() {
+            found.current = window.current;
+            return Ok(found);
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
-/// The last checkpoint of `key` between offsets `from` and `to`.
+/// The last checkpoints of the source between offsets `from` and `to`.
 fn read_window(
     consumer: &BaseConsumer,
     topic: &str,
-    key: &str,
+    identity: &Identity,
     from: i64,
     to: i64,
     start: Instant,
     limit: Duration,
-) -> Result<Option<Lsn>, SinkError> {
+) -> Result<Found, SinkError> {
+    let key = identity.key();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(from))?;
     consumer.assign(&tpl)?;
-    let mut last = None;
+    let mut found = Found::default();
     loop {
         // Read until our position passes `to`: with read_committed the position also moves
         // past aborted records and markers, and it gets there once every transaction open at
@@ -118,7 +223,7 @@ fn read_window(
             .and_then(|p| p.offset().to_raw())
             .unwrap_or(from);
         if position >= to {
-            return Ok(last);
+            return Ok(found);
         }
         if start.elapsed() > limit {
             return Err(SinkError::CheckpointTimeout {
@@ -129,15 +234,22 @@ fn read_window(
         if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
             let msg = msg?;
             if msg.offset() >= to {
-                return Ok(last);
+                return Ok(found);
             }
-            if msg.key() == Some(key.as_bytes()) {
-                let value = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
-                last = Some(parse(&value).ok_or_else(|| SinkError::BadCheckpoint {
-                    key: key.to_string(),
+            let slot = if msg.key() == Some(key.as_bytes()) {
+                &mut found.current
+            } else if msg.key() == Some(identity.legacy_key().as_bytes()) {
+                &mut found.legacy
+            } else {
+                continue;
+            };
+            let value = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+            *slot = Some(
+                parse(&value, identity).ok_or_else(|| SinkError::BadCheckpoint {
+                    key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
                     value,
-                })?);
-            }
+                })?,
+            );
         }
     }
 }
@@ -162,12 +274,80 @@ mod tests {
         assert_eq!(windows(5).collect::<Vec<_>>(), vec![(0, 5)]);
     }
 
+    fn identity(prefix: &str) -> Identity {
+        Identity {
+            system_id: "7311".into(),
+            database: "rest".into(),
+            slot: "kafkify_rest".into(),
+            topic_prefix: prefix.into(),
+        }
+    }
+
     #[test]
-    fn checkpoint_values_round_trip() {
-        let v = value(Lsn(0x2_0000_00ff));
-        assert_eq!(v, r#"{"lsn":"2/FF"}"#);
-        assert_eq!(parse(&v), Some(Lsn(0x2_0000_00ff)));
-        assert_eq!(parse("garbage"), None);
-        assert_eq!(parse(r#"{"lsn":"nope"}"#), None);
+    fn checkpoint_values_round_trip_and_name_their_source() {
+        let ours = identity("");
+        let v = value(&ours, 3, Lsn(0x2_0000_00ff));
+        let back = parse(&v, &ours).unwrap();
+        assert_eq!(back.lsn, Lsn(0x2_0000_00ff));
+        assert_eq!(back.timeline, Some(3));
+        let j: serde_json::Value = serde_json::from_str(&v).unwrap();
+        assert_eq!(j["lsn"], "2/FF");
+        assert_eq!(j["system_id"], "7311");
+        assert_eq!(j["database"], "rest");
+        assert_eq!(j["slot"], "kafkify_rest");
+        // Another deployment's record is not ours, whatever key it came under.
+        assert_eq!(parse(&v, &identity("staging.")), None);
+        let other_cluster = Identity {
+            system_id: "9999".into(),
+            ..ours.clone()
+        };
+        assert_eq!(parse(&v, &other_cluster), None);
+        assert_eq!(parse("garbage", &ours), None);
+        assert_eq!(parse(r#"{"lsn":"nope"}"#, &ours), None);
+    }
+
+    #[test]
+    fn legacy_records_carry_only_the_lsn() {
+        let back = parse(r#"{"lsn":"2/FF"}"#, &identity("")).unwrap();
+        assert_eq!(back.lsn, Lsn(0x2_0000_00ff));
+        assert_eq!(back.timeline, None);
+    }
+
+    #[test]
+    fn keys_and_transactional_ids_differ_for_every_part_of_the_identity() {
+        let base = identity("");
+        let variants = [
+            base.clone(),
+            identity("staging."),
+            Identity {
+                system_id: "9999".into(),
+                ..base.clone()
+            },
+            Identity {
+                database: "grpc".into(),
+                ..base.clone()
+            },
+            Identity {
+                slot: "kafkify_rest2".into(),
+                ..base.clone()
+            },
+        ];
+        let keys: std::collections::HashSet<_> = variants.iter().map(Identity::key).collect();
+        assert_eq!(keys.len(), variants.len());
+        let ids: std::collections::HashSet<_> = variants
+            .iter()
+            .flat_map(Identity::transactional_ids)
+            .collect();
+        assert_eq!(ids.len(), 2 * variants.len());
+        assert_eq!(base.key(), "7311/rest/kafkify_rest");
+        assert_eq!(
+            identity("staging.").key(),
+            "7311/rest/kafkify_rest/staging."
+        );
+        // Nothing new may collide with what the relays before namespacing used.
+        for id in base.transactional_ids() {
+            assert!(!base.legacy_transactional_ids().contains(&id));
+        }
+        assert_ne!(base.key(), base.legacy_key());
     }
 }

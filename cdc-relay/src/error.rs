@@ -16,6 +16,15 @@ pub enum SessionError {
     SlotLost { slot: String },
     #[error("replication slot `{slot}` is missing, but Kafka holds a checkpoint for it at {checkpoint}: after a failover without the slot, a restore or a dropped slot, events committed after {checkpoint} may be missing. Check the outbox tables from there, then set RELAY_MISSING_SLOT=create to start from the current position")]
     SlotMissing { slot: String, checkpoint: Lsn },
+    #[error("the checkpoint of slot `{slot}` is at {checkpoint}, past this server's WAL at {server_at} (timeline {timeline}): the server lost transactions that are already in Kafka (an asynchronous standby promoted without them, or a restore), and what it writes next would be skipped as published. Reconcile the outbox tables with Kafka, then drop the slot and set RELAY_MISSING_SLOT=create to start from the current position")]
+    CheckpointAhead {
+        slot: String,
+        checkpoint: Lsn,
+        server_at: Lsn,
+        timeline: u32,
+    },
+    #[error("the outbox table {table} is partitioned, and publication `{publication}` would send its rows as the partitions', which the relay does not read: run `ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)`")]
+    PartitionedOutbox { table: String, publication: String },
     #[error("Postgres: {0}")]
     Postgres(String),
     #[error("replication: {0}")]
@@ -38,6 +47,7 @@ impl SessionError {
         "slot_busy",
         "slot_lost",
         "slot_missing",
+        "checkpoint_ahead",
         "postgres",
         "replication",
         "decode",
@@ -51,10 +61,11 @@ impl SessionError {
             SessionError::SlotBusy(_) => "slot_busy",
             SessionError::SlotLost { .. } => "slot_lost",
             SessionError::SlotMissing { .. } => "slot_missing",
+            SessionError::CheckpointAhead { .. } => "checkpoint_ahead",
             SessionError::Postgres(_) => "postgres",
             SessionError::Replication(_) | SessionError::StreamEnded => "replication",
             SessionError::Decode(_) | SessionError::Protocol(_) => "decode",
-            SessionError::Outbox(_) => "outbox",
+            SessionError::Outbox(_) | SessionError::PartitionedOutbox { .. } => "outbox",
             SessionError::Sink(_) => "kafka",
         }
     }
@@ -66,6 +77,8 @@ impl SessionError {
             SessionError::SlotBusy(_) => ErrorClass::Standby,
             SessionError::SlotLost { .. }
             | SessionError::SlotMissing { .. }
+            | SessionError::CheckpointAhead { .. }
+            | SessionError::PartitionedOutbox { .. }
             | SessionError::Decode(_)
             | SessionError::Outbox(_)
             | SessionError::Protocol(_) => ErrorClass::Fatal,

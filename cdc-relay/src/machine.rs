@@ -14,6 +14,7 @@
 //! The machine is generic over the record type `R`: building records (topic, key, Avro,
 //! dead letters) is `record.rs`'s job, and the tests use plain numbers.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::checkpoint;
@@ -33,6 +34,11 @@ pub struct Limits {
     pub chunk_bytes: usize,
     /// A Kafka transaction open this long is refused: the broker would abort it.
     pub transaction_timeout: Duration,
+    /// An idle source writes its checkpoint again this long after its last Kafka commit
+    /// (exactly-once only): every source shares the checkpoint topic, whose newest records
+    /// are read first, so a restart then finds an idle source's checkpoint as fast as a busy
+    /// one's, however long it idled.
+    pub checkpoint_refresh: Option<Duration>,
 }
 
 /// What the relay reads from Postgres or hears from the sink.
@@ -144,10 +150,13 @@ pub struct Machine<R> {
     /// Of `chunk_bytes`, the open transaction's.
     open_bytes: usize,
     filling: Filling,
-    /// Kafka transactions committing, not yet acknowledged.
-    in_flight: usize,
+    /// Kafka transactions committing, not yet acknowledged, oldest first; true for a
+    /// checkpoint refresh.
+    in_flight: VecDeque<bool>,
     sink_ready: bool,
     draining: bool,
+    /// When the last Kafka transaction was committed (or the machine started).
+    last_commit: Option<Instant>,
 }
 
 impl<R> Machine<R> {
@@ -162,9 +171,10 @@ impl<R> Machine<R> {
             open_from: 0,
             open_bytes: 0,
             filling: Filling::default(),
-            in_flight: 0,
+            in_flight: VecDeque::new(),
             sink_ready: false,
             draining: false,
+            last_commit: None,
         }
     }
 
@@ -191,15 +201,27 @@ impl<R> Machine<R> {
             .filling
             .opened_at
             .map(|t| t + self.limits.transaction_timeout);
-        match (commit, timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [commit, timeout, self.refresh_due()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// When an idle source's checkpoint is to be written again.
+    fn refresh_due(&self) -> Option<Instant> {
+        let every = self.limits.checkpoint_refresh?;
+        let idle = self.sink_ready
+            && !self.draining
+            && self.open.is_none()
+            && self.filling.events == 0
+            && self.filling.upto.is_none()
+            && self.in_flight.is_empty();
+        idle.then(|| self.last_commit.map(|t| t + every))?
     }
 
     /// After [`Input::Drain`]: true once everything whole is acknowledged by Kafka.
     pub fn drained(&self) -> bool {
-        self.filling.events == 0 && self.in_flight == 0
+        self.filling.events == 0 && self.in_flight.is_empty()
     }
 
     /// The commit time of the transaction being received, if one is (see [`Self::skipping`]
@@ -215,6 +237,7 @@ impl<R> Machine<R> {
 
     pub fn on(&mut self, input: Input<R>, now: Instant) -> Result<Vec<Action<R>>, Violation> {
         let mut out = Vec::new();
+        self.last_commit.get_or_insert(now);
         match input {
             Input::Begin {
                 final_lsn,
@@ -253,7 +276,7 @@ impl<R> Machine<R> {
                 if self.open.is_none()
                     && self.filling.events == 0
                     && self.filling.upto.is_none()
-                    && self.in_flight == 0
+                    && self.in_flight.is_empty()
                 {
                     out.push(Action::Acknowledge(wal_end));
                 }
@@ -320,7 +343,7 @@ impl<R> Machine<R> {
             events: 0,
             appended: false,
         });
-        let idle = self.filling.events == 0 && self.in_flight == 0;
+        let idle = self.filling.events == 0 && self.in_flight.is_empty();
         if open.skip {
             // Re-sent after a restart; Kafka has it.
             out.push(Action::Skipped { end });
@@ -346,19 +369,22 @@ impl<R> Machine<R> {
     }
 
     fn acked(&mut self, upto: Lsn, out: &mut Vec<Action<R>>) -> Result<(), Violation> {
-        self.in_flight = self
+        let refresh = self
             .in_flight
-            .checked_sub(1)
+            .pop_front()
             .ok_or(Violation::AckWithoutBatch)?;
-        let mut upto = upto;
+        // A refresh re-wrote the checkpoint: nothing new for Postgres.
+        let mut ack = (!refresh).then_some(upto);
         // Event-less transactions that arrived while transactions were in flight.
-        if self.in_flight == 0 && self.filling.events == 0 {
+        if self.in_flight.is_empty() && self.filling.events == 0 {
             if let Some(lsn) = self.filling.upto.take() {
-                upto = upto.max(lsn);
+                ack = Some(ack.map_or(lsn, |a| a.max(lsn)));
             }
         }
-        self.checkpoint = self.checkpoint.max(upto);
-        out.push(Action::Acknowledge(upto));
+        if let Some(ack) = ack {
+            self.checkpoint = self.checkpoint.max(ack);
+            out.push(Action::Acknowledge(ack));
+        }
         Ok(())
     }
 
@@ -371,6 +397,17 @@ impl<R> Machine<R> {
     }
 
     fn commit_if_due(&mut self, now: Instant, out: &mut Vec<Action<R>>) {
+        if self.refresh_due().is_some_and(|due| now >= due) {
+            self.in_flight.push_back(true);
+            self.sink_ready = false;
+            self.last_commit = Some(now);
+            out.push(Action::Commit(Closing {
+                upto: self.checkpoint,
+                commits: Vec::new(),
+                events: 0,
+            }));
+            return;
+        }
         if !self.can_commit() {
             return;
         }
@@ -383,8 +420,9 @@ impl<R> Machine<R> {
         }
         self.send(self.open_from, now, out);
         let filling = std::mem::take(&mut self.filling);
-        self.in_flight += 1;
+        self.in_flight.push_back(false);
         self.sink_ready = false;
+        self.last_commit = Some(now);
         out.push(Action::Commit(Closing {
             upto: filling.upto.expect("events imply a whole transaction"),
             commits: filling.commits,
@@ -405,6 +443,7 @@ mod tests {
         chunk_events: 2,
         chunk_bytes: 1 << 20,
         transaction_timeout: Duration::from_secs(60),
+        checkpoint_refresh: None,
     };
 
     fn lsn(n: u64) -> Lsn {
@@ -603,6 +642,73 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_source_rewrites_its_checkpoint_and_acknowledges_nothing_for_it() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(10);
+        let limits = Limits {
+            checkpoint_refresh: Some(every),
+            ..LIMITS
+        };
+        let mut m = Machine::new(Lsn(7), limits);
+        feed(&mut m, t0, vec![Input::SinkReady]);
+        assert_eq!(m.deadline(), Some(t0 + every));
+        assert!(feed(&mut m, t0 + every / 2, vec![Input::Tick]).is_empty());
+        // Only other tables wrote meanwhile: still no Kafka commit, so it is due all the same.
+        feed(&mut m, t0 + every / 2, tx(20, &[]));
+        let out = feed(&mut m, t0 + every, vec![Input::Tick]);
+        assert_eq!(out, vec![commit(7, vec![])]);
+        assert_eq!(m.deadline(), None, "not again while it commits");
+        // Its acknowledgement says nothing new to Postgres, but an event-less transaction
+        // that came meanwhile is acknowledged with it.
+        assert!(feed(&mut m, t0 + every, tx(30, &[])).is_empty());
+        let out = feed(&mut m, t0 + every, vec![Input::Acked { upto: lsn(7) }]);
+        assert_eq!(out, vec![Action::Acknowledge(lsn(30))]);
+        feed(&mut m, t0 + every, vec![Input::SinkReady]);
+        assert_eq!(m.deadline(), Some(t0 + 2 * every));
+
+        // A source that publishes is not refreshed: its commits are its checkpoints.
+        feed(&mut m, t0 + 2 * every - LIMITS.linger, tx(40, &[1]));
+        let out = feed(&mut m, t0 + 2 * every, vec![Input::Tick]);
+        assert_eq!(
+            out,
+            vec![Action::Append(vec![1]), commit(40, vec![(40, 1)])]
+        );
+        let out = feed(&mut m, t0 + 2 * every, vec![Input::Acked { upto: lsn(40) }]);
+        assert_eq!(out, vec![Action::Acknowledge(lsn(40))]);
+        feed(&mut m, t0 + 2 * every, vec![Input::SinkReady]);
+        assert_eq!(m.deadline(), Some(t0 + 3 * every));
+        let out = feed(&mut m, t0 + 3 * every, vec![Input::Tick]);
+        assert_eq!(out, vec![commit(40, vec![])]);
+    }
+
+    #[test]
+    fn a_refresh_in_flight_holds_back_keepalive_acknowledgements_until_it_is_acked() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(1);
+        let limits = Limits {
+            checkpoint_refresh: Some(every),
+            ..LIMITS
+        };
+        let mut m = Machine::new(Lsn(7), limits);
+        feed(&mut m, t0, vec![Input::SinkReady]);
+        assert_eq!(feed(&mut m, t0 + every, vec![Input::Tick]).len(), 1);
+        let out = feed(
+            &mut m,
+            t0 + every,
+            vec![Input::KeepAlive { wal_end: lsn(50) }],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        let out = feed(&mut m, t0 + every, vec![Input::Acked { upto: lsn(7) }]);
+        assert!(out.is_empty());
+        let out = feed(
+            &mut m,
+            t0 + every,
+            vec![Input::KeepAlive { wal_end: lsn(50) }],
+        );
+        assert_eq!(out, vec![Action::Acknowledge(lsn(50))]);
+    }
+
+    #[test]
     fn drain_commits_what_is_whole_at_once_and_leaves_an_unsent_transaction() {
         let t0 = Instant::now();
         let limits = Limits {
@@ -730,7 +836,8 @@ mod tests {
         fn commit_front(&mut self) -> u64 {
             let (events, upto) = self.in_flight.pop_front().expect("a batch in flight");
             self.log.extend(events);
-            self.checkpoint = self.checkpoint.max(upto);
+            // The reader takes the newest record, not the largest.
+            self.checkpoint = upto;
             upto
         }
     }
@@ -749,6 +856,9 @@ mod tests {
             chunk_events: 1 + rng.below(4) as usize,
             chunk_bytes: 1 + rng.below(8) as usize,
             transaction_timeout: Duration::from_secs(3600),
+            checkpoint_refresh: rng
+                .chance(50)
+                .then(|| Duration::from_millis(1 + rng.below(5))),
         };
         let mut kafka = Kafka::default();
         // The slot's confirmed position, and the acknowledgements sent but maybe not received.

@@ -177,6 +177,9 @@ async fn check_source(
             "publication `{publication}` does not exist (run the migrations)"
         ));
     }
+    cdc_relay::relay::check_publication(&client, publication)
+        .await
+        .map_err(|e| e.to_string())?;
     // Only what commits after the slot's consistent point is captured: until then, writes
     // would be missed. A slot being created is listed before it has one (confirmed_flush_lsn
     // is NULL while it waits for the transactions open at its creation to end).

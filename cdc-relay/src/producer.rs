@@ -14,7 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
-use crate::checkpoint;
+use crate::checkpoint::{self, Checkpoint, Identity};
 use crate::config::Delivery;
 use crate::encode::KafkaRecord;
 use crate::pgoutput::Lsn;
@@ -51,6 +51,11 @@ pub struct Sink {
     delivery: Delivery,
     checkpoint_topic: String,
     checkpoint_key: String,
+    identity: Identity,
+    /// The Postgres timeline the session streams from, written into each checkpoint.
+    timeline: u32,
+    /// The producers' settings, for fencing the producers of relays before namespacing.
+    config: ClientConfig,
     /// The transaction timeout: another source's transaction may hold back the checkpoint
     /// reader this long.
     expiry: Duration,
@@ -175,7 +180,8 @@ impl Sink {
         base: ClientConfig,
         delivery: Delivery,
         checkpoint_topic: &str,
-        checkpoint_key: &str,
+        identity: &Identity,
+        timeline: u32,
     ) -> Result<Sink, SinkError> {
         let mut config = base;
         config
@@ -211,15 +217,8 @@ impl Sink {
         match delivery {
             Delivery::AtLeastOnce => producers.push(config.create()?),
             Delivery::ExactlyOnce => {
-                for id in transactional_ids(checkpoint_key) {
-                    let producer: FutureProducer = config
-                        .clone()
-                        .set("transactional.id", id)
-                        .set("transaction.timeout.ms", expiry.as_millis().to_string())
-                        .create()?;
-                    let p = producer.clone();
-                    blocking(move || p.init_transactions(TXN_TIMEOUT)).await??;
-                    producers.push(producer);
+                for id in identity.transactional_ids() {
+                    producers.push(transactional(&config, id, expiry).await?);
                 }
             }
         }
@@ -227,24 +226,53 @@ impl Sink {
             producers,
             delivery,
             checkpoint_topic: checkpoint_topic.to_string(),
-            checkpoint_key: checkpoint_key.to_string(),
+            checkpoint_key: identity.key(),
+            identity: identity.clone(),
+            timeline,
+            config,
             expiry,
         })
     }
 
     /// The last LSN this source committed to Kafka, read from the checkpoint topic to its end
     /// (read_committed). `None` when the source has never committed, or in at-least-once mode.
-    pub async fn read_checkpoint(&self, base: ClientConfig) -> Result<Option<Lsn>, SinkError> {
+    ///
+    /// A source with no checkpoint of its own but one under its legacy key (the slot name) was
+    /// last published by a relay before checkpoints were namespaced: this is the first start
+    /// after an upgrade. Those producers are fenced first, so one still running cannot commit
+    /// past what is read, and the legacy checkpoint is read again and used.
+    pub async fn read_checkpoint(
+        &self,
+        base: ClientConfig,
+    ) -> Result<Option<Checkpoint>, SinkError> {
         if self.delivery != Delivery::ExactlyOnce {
             return Ok(None);
         }
-        checkpoint::read_async(
-            base,
-            self.checkpoint_topic.clone(),
-            self.checkpoint_key.clone(),
-            checkpoint::read_limit(self.expiry),
-        )
-        .await
+        let read = || {
+            checkpoint::read_async(
+                base.clone(),
+                self.checkpoint_topic.clone(),
+                self.identity.clone(),
+                checkpoint::read_limit(self.expiry),
+            )
+        };
+        let found = read().await?;
+        if found.current.is_some() || found.legacy.is_none() {
+            return Ok(found.current);
+        }
+        for id in self.identity.legacy_transactional_ids() {
+            // Its init_transactions did the fencing; the producer has nothing to send.
+            drop(transactional(&self.config, id, self.expiry).await?);
+        }
+        let found = read().await?;
+        if found.current.is_none() {
+            tracing::info!(
+                slot = %self.identity.slot,
+                key = %self.identity.key(),
+                "using the checkpoint a relay before namespaced checkpoints wrote under the slot name; from the next commit on it is kept under the key"
+            );
+        }
+        Ok(found.current.or(found.legacy))
     }
 
     /// Starts the publishing pipeline. It reports `Ready` first and after each `Commit`, each
@@ -312,7 +340,8 @@ impl Sink {
                                 o.enqueue(&KafkaRecord {
                                     topic: self.checkpoint_topic.clone(),
                                     key: self.checkpoint_key.clone(),
-                                    value: checkpoint::value(upto).into_bytes(),
+                                    value: checkpoint::value(&self.identity, self.timeline, upto)
+                                        .into_bytes(),
                                     headers: Vec::new(),
                                     span: None,
                                     dead_letter: None,
@@ -375,13 +404,21 @@ async fn finish<M>(
     Ok(())
 }
 
-/// The transactional ids of a source's two producers. The first is the one relays before the
-/// pipeline used, so an upgrade fences the old relay too.
-fn transactional_ids(checkpoint_key: &str) -> [String; 2] {
-    [
-        format!("kafkify-relay-{checkpoint_key}"),
-        format!("kafkify-relay-{checkpoint_key}.1"),
-    ]
+/// A transactional producer under `id`; `init_transactions` fences every earlier producer
+/// with that id and aborts its open transaction.
+async fn transactional(
+    config: &ClientConfig,
+    id: String,
+    expiry: Duration,
+) -> Result<FutureProducer, SinkError> {
+    let producer: FutureProducer = config
+        .clone()
+        .set("transactional.id", id)
+        .set("transaction.timeout.ms", expiry.as_millis().to_string())
+        .create()?;
+    let p = producer.clone();
+    blocking(move || p.init_transactions(TXN_TIMEOUT)).await??;
+    Ok(producer)
 }
 
 fn report<M>(

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgwire_replication::client::ReplicationEvent;
+use pgwire_replication::client::{IdentifySystem, ReplicationEvent};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint;
+use crate::checkpoint::{self, Checkpoint, Identity};
 use crate::config::{Config, Delivery, Identifier, MissingSlot};
 use crate::encode::{KafkaRecord, Origin};
 use crate::error::SessionError;
@@ -129,6 +129,33 @@ async fn create_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), 
     }
 }
 
+/// Refuses a partitioned outbox table that the publication sends as its partitions: the
+/// relay knows the outbox by its name, so the partitions' rows would be ignored. With
+/// `publish_via_partition_root` they arrive as the table's own.
+pub async fn check_publication(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<(), SessionError> {
+    let row = client
+        .query_opt(
+            "SELECT format('%I.%I', n.nspname, c.relname)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relname = $2 AND c.relkind = 'p'
+                AND NOT (SELECT pubviaroot FROM pg_publication WHERE pubname = $1)
+              LIMIT 1",
+            &[&publication, &crate::outbox::OUTBOX_TABLE],
+        )
+        .await
+        .map_err(pg)?;
+    match row {
+        Some(row) => Err(SessionError::PartitionedOutbox {
+            table: row.get(0),
+            publication: publication.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn pg(e: tokio_postgres::Error) -> SessionError {
     SessionError::Postgres(platform::db::describe(&e))
 }
@@ -140,19 +167,20 @@ async fn check_missing_slot(
     config: &Config,
     kafka: rdkafka::ClientConfig,
     source: &Identifier,
-    slot: &str,
+    identity: &Identity,
 ) -> Result<bool, SessionError> {
     if config.delivery != Delivery::ExactlyOnce {
         return Ok(false);
     }
+    let slot = identity.slot.as_str();
     let found = checkpoint::read_async(
         kafka,
         config.checkpoint_topic.clone(),
-        slot.to_string(),
+        identity.clone(),
         checkpoint::read_limit(config.transaction_timeout),
     )
     .await?;
-    let Some(at) = found else {
+    let Some(at) = found.current.or(found.legacy).map(|c| c.lsn) else {
         return Ok(false);
     };
     match config.missing_slot {
@@ -170,6 +198,35 @@ async fn check_missing_slot(
             Ok(true)
         }
     }
+}
+
+/// A checkpoint past the server's WAL means the server lost transactions that are already in
+/// Kafka (an asynchronous standby promoted without them, a restore): the transactions it
+/// writes next would get LSNs at or below the checkpoint and be skipped as published.
+fn check_against_server(
+    checkpoint: &Checkpoint,
+    server: &IdentifySystem,
+    slot: &str,
+) -> Result<(), SessionError> {
+    let server_at = Lsn(server.xlogpos.0);
+    if checkpoint.lsn > server_at {
+        return Err(SessionError::CheckpointAhead {
+            slot: slot.to_string(),
+            checkpoint: checkpoint.lsn,
+            server_at,
+            timeline: server.timeline,
+        });
+    }
+    if let Some(written) = checkpoint.timeline.filter(|t| *t != server.timeline) {
+        tracing::warn!(
+            slot,
+            checkpoint = %checkpoint.lsn,
+            checkpoint_timeline = written,
+            server_timeline = server.timeline,
+            "the checkpoint was written on another Postgres timeline (the server was promoted or restored since); it is not past the server's WAL, so streaming goes on from it"
+        );
+    }
+    Ok(())
 }
 
 fn replication_config(
@@ -229,17 +286,29 @@ async fn session(
             .kafka
             .client_config(&format!("cdc-relay-{}", source.0))
     };
+    // The replication session first answers IDENTIFY_SYSTEM: the checkpoint belongs to this
+    // Postgres cluster, and must not be ahead of its WAL.
+    let mut repl =
+        ReplicationClient::connect_gated(replication_config(config, source, &slot)?).await?;
+    let server = repl.identify_system().await?;
+    let identity = Identity {
+        system_id: server.system_id.clone(),
+        database: source.0.clone(),
+        slot: slot.clone(),
+        topic_prefix: config.topic_prefix.clone(),
+    };
     let sql = platform::db::connect(&config.source_url(source))
         .await
         .map_err(|e| SessionError::Postgres(e.to_string()))?;
+    check_publication(&sql, &config.publication.0).await?;
     let mut fresh = false;
     if !slot_exists(&sql, &slot).await? {
-        fresh = check_missing_slot(config, kafka(), source, &slot).await?;
+        fresh = check_missing_slot(config, kafka(), source, &identity).await?;
         create_slot(&sql, &slot).await?;
     }
     drop(sql);
 
-    let mut repl = ReplicationClient::connect(replication_config(config, source, &slot)?).await?;
+    repl.start().await?;
     if let Err(e) = repl.wait_started().await {
         let text = e.to_string();
         if text.contains("is active for PID") || text.contains("55006") {
@@ -282,8 +351,19 @@ async fn session(
             );
         c
     };
-    let sink = Sink::create(producer, config.delivery, &config.checkpoint_topic, &slot).await?;
+    let sink = Sink::create(
+        producer,
+        config.delivery,
+        &config.checkpoint_topic,
+        &identity,
+        server.timeline,
+    )
+    .await?;
     let checkpoint = sink.read_checkpoint(kafka()).await?;
+    if let Some(c) = checkpoint.as_ref().filter(|_| !fresh) {
+        check_against_server(c, &server, &slot)?;
+    }
+    let checkpoint = checkpoint.map(|c| c.lsn);
     let label = SourceLabel {
         source: source.0.clone(),
     };
@@ -298,6 +378,8 @@ async fn session(
             .min(1 << 20),
         // Leave the commit time to spare before the broker's own deadline.
         transaction_timeout: config.transaction_timeout * 9 / 10,
+        checkpoint_refresh: (config.delivery == Delivery::ExactlyOnce)
+            .then_some(CHECKPOINT_REFRESH),
     };
     let mut stream = Stream {
         ctx,
@@ -336,6 +418,11 @@ struct Stream<'a> {
 
 /// Rows are handed to Kafka in chunks of at most this many (see `machine::Limits`).
 const CHUNK_EVENTS: usize = 1000;
+
+/// An idle source re-writes its checkpoint this often (see `machine::Limits`): one small
+/// Kafka transaction per idle source every 10 s, against a restart that would otherwise read
+/// the whole checkpoint topic back to the source's last event.
+const CHECKPOINT_REFRESH: Duration = Duration::from_secs(10);
 
 /// What the stream needs back when Kafka acknowledges a batch.
 struct Receipt {

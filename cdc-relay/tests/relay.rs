@@ -218,17 +218,18 @@ async fn consume(
                         );
                     }
                 }
-                let value = if msg.topic().ends_with(".dlq") {
-                    None
-                } else {
-                    Some(
-                        decoder
-                            .decode(Some(&raw))
-                            .await
-                            .expect("a Confluent-framed Avro record")
-                            .value,
-                    )
-                };
+                let value =
+                    if msg.topic().ends_with(".dlq") || msg.topic().ends_with(".checkpoints") {
+                        None
+                    } else {
+                        Some(
+                            decoder
+                                .decode(Some(&raw))
+                                .await
+                                .expect("a Confluent-framed Avro record")
+                                .value,
+                        )
+                    };
                 out.push(Received {
                     topic: msg.topic().to_string(),
                     partition: msg.partition(),
@@ -752,6 +753,208 @@ async fn a_missing_slot_with_a_checkpoint_in_kafka_is_refused_until_told_to_star
     let got = read_all(2).await;
     let ids: Vec<String> = got.iter().map(|r| r.event_id()).collect();
     assert_eq!(ids, vec![first.0.to_string(), second.0.to_string()]);
+    drop(relay);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_checkpoint_names_its_postgres_cluster_database_slot_and_prefix_and_is_refreshed_while_idle(
+) {
+    let f = Fixture::new().await;
+    let relay = f.relay().await;
+    f.one_event_flows("named", Duration::from_secs(60)).await;
+    let admin = stack().admin().await;
+    let system_id: String = admin
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let timeline: i32 = admin
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The event's commit writes one; idle from then on, the source writes it again (every
+    // 10 s), so a restart finds it among the newest records of the shared topic.
+    let checkpoints = consume(
+        std::slice::from_ref(&f.checkpoint_topic),
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        |r| r.len() >= 2,
+    )
+    .await;
+    assert!(checkpoints.len() >= 2, "never refreshed: {checkpoints:?}");
+    assert_eq!(
+        checkpoints[0].raw, checkpoints[1].raw,
+        "a refresh is the same checkpoint"
+    );
+    let last = checkpoints.last().expect("a checkpoint record");
+    assert_eq!(
+        last.key,
+        format!("{system_id}/{}/{}/{}", f.db.name, f.slot(), f.prefix)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&last.raw).unwrap();
+    assert_eq!(value["system_id"], system_id.as_str());
+    assert_eq!(value["database"], f.db.name.as_str());
+    assert_eq!(value["slot"], f.slot().as_str());
+    assert_eq!(value["topic_prefix"], f.prefix.as_str());
+    assert_eq!(value["timeline"], timeline);
+    assert!(value["lsn"].as_str().unwrap().contains('/'));
+    drop(relay);
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_outbox_is_refused_until_published_via_its_root_then_flows() {
+    let f = Fixture::new().await;
+    let owner = f.db.owner().await;
+    owner
+        .batch_execute(
+            "ALTER PUBLICATION kafkify_outbox DROP TABLE outbox_events;
+             DROP TABLE outbox_events;
+             CREATE TABLE outbox_events (
+                 id uuid NOT NULL, aggregate_type text NOT NULL, aggregate_id text NOT NULL,
+                 event_type text NOT NULL, payload jsonb NOT NULL, traceparent text,
+                 created_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (id, created_at)
+             ) PARTITION BY RANGE (created_at);
+             CREATE TABLE outbox_events_old PARTITION OF outbox_events
+                 FOR VALUES FROM (MINVALUE) TO ('2026-01-01');
+             CREATE TABLE outbox_events_new PARTITION OF outbox_events
+                 FOR VALUES FROM ('2026-01-01') TO (MAXVALUE);
+             GRANT SELECT ON outbox_events TO kafkify_relay;
+             ALTER PUBLICATION kafkify_outbox ADD TABLE outbox_events;",
+        )
+        .await
+        .unwrap();
+
+    let mut relay = Service::spawn(BIN, &f.env());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = relay.get("/ready").await;
+        if status == 503 && body.contains("publish_via_partition_root = true") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not refused: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let admin = stack().admin().await;
+    let slots: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&f.slot()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "no slot, so no position is taken while refusing");
+
+    owner
+        .batch_execute("ALTER PUBLICATION kafkify_outbox SET (publish_via_partition_root = true)")
+        .await
+        .unwrap();
+    relay.wait_for("/ready", 200, Duration::from_secs(90)).await;
+    // One row in each partition.
+    let rows = [
+        created(Uuid::new_v4(), "p", 1),
+        created(Uuid::new_v4(), "p", 2),
+    ];
+    for (row, at) in rows.iter().zip(["2025-06-01", "2026-06-01"]) {
+        owner
+            .execute(
+                "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, created_at)
+                 VALUES ($1, 'resource', $2, $3, $4::text::jsonb, $5::text::timestamptz)",
+                &[&row.0, &row.1, &row.2, &row.3, &at],
+            )
+            .await
+            .unwrap();
+    }
+    let got = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |r| r.len() >= 2,
+    )
+    .await;
+    let ids: Vec<String> = got.iter().map(Received::event_id).collect();
+    assert_eq!(ids, vec![rows[0].0.to_string(), rows[1].0.to_string()]);
+    drop(relay);
+    f.cleanup().await;
+}
+
+/// Whether the relay's errors counter for `kind` has counted anything.
+async fn counted_error(relay: &Service, kind: &str) -> bool {
+    let (_, metrics) = relay.get("/metrics").await;
+    metrics.lines().any(|l| {
+        l.starts_with("kafkify_cdc_relay_errors_total{")
+            && l.contains(&format!("kind=\"{kind}\""))
+            && !l.ends_with(" 0")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_past_the_servers_wal_is_refused_until_told_to_start_afresh() {
+    let f = Fixture::new().await;
+    let relay = f.relay().await;
+    f.one_event_flows("before", Duration::from_secs(60)).await;
+    relay.terminate(Duration::from_secs(30)).await;
+
+    // Kafka holds a checkpoint the server never reached: an asynchronous standby was promoted
+    // without the last transactions, which the relay had already published.
+    let admin = stack().admin().await;
+    let system_id: String = admin
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let key = format!("{system_id}/{}/{}/{}", f.db.name, f.slot(), f.prefix);
+    let producer: rdkafka::producer::FutureProducer = stack().kafka_config().create().unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&f.checkpoint_topic)
+                .key(&key)
+                .payload(r#"{"lsn":"FFFF/0"}"#)
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+
+    let relay = Service::spawn(BIN, &f.env());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !counted_error(&relay, "checkpoint_ahead").await {
+        assert!(Instant::now() < deadline, "never refused");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(relay);
+
+    // The way out the error names: drop the slot, start afresh.
+    admin
+        .execute("SELECT pg_drop_replication_slot($1)", &[&f.slot()])
+        .await
+        .unwrap();
+    let mut relay = Service::spawn(BIN, &f.env_with(&[("RELAY_MISSING_SLOT", "create")]));
+    relay
+        .wait_for("/ready", 200, Duration::from_secs(120))
+        .await;
+    let row = created(Uuid::new_v4(), "after", 2);
+    insert(&f.db.owner().await, &row).await;
+    let got = consume(
+        &[f.topic("resource.created")],
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |r| r.len() >= 2,
+    )
+    .await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1].event_id(), row.0.to_string());
     drop(relay);
     f.cleanup().await;
 }
