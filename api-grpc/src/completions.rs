@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use platform::retry::{retry, Backoff};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -69,19 +70,17 @@ pub struct Completions {
 impl Completions {
     /// Runs until `shutdown`; a broken consumer is rebuilt with back-off.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::session();
         while !shutdown.is_cancelled() {
             match self.session(&shutdown).await {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in = ?backoff, "task.completed consumer failed")
+                    tracing::error!(error = %e, retry_in = ?backoff.peek(), "task.completed consumer failed")
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+            if !backoff.wait(&shutdown).await {
+                return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
 
@@ -132,21 +131,21 @@ impl Completions {
         payload: Option<&[u8]>,
         shutdown: &CancellationToken,
     ) -> bool {
-        let mut backoff = Duration::from_millis(200);
-        let value = loop {
-            match platform::registry::read_avro(decoder, payload).await {
-                Ok(value) => break value,
-                Err(e @ platform::registry::ReadError::Outage(_)) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot read a task.completed record; retrying");
-                    if !back_off(&mut backoff, shutdown).await {
-                        return false;
-                    }
-                }
-                Err(e) => {
-                    self.metrics.count("undecodable");
-                    tracing::error!(error = %e, "task.completed record cannot be read; passed over");
-                    return true;
-                }
+        let read = retry(
+            &mut Backoff::record(),
+            shutdown,
+            |e| matches!(e, platform::registry::ReadError::Outage(_)),
+            |e, retry_in| tracing::warn!(error = %e, ?retry_in, "cannot read a task.completed record; retrying"),
+            || platform::registry::read_avro(decoder, payload),
+        )
+        .await;
+        let value = match read {
+            None => return false,
+            Some(Ok(value)) => value,
+            Some(Err(e)) => {
+                self.metrics.count("undecodable");
+                tracing::error!(error = %e, "task.completed record cannot be read; passed over");
+                return true;
             }
         };
         let event: schemas::TaskCompleted = match apache_avro::from_value(&value) {
@@ -157,41 +156,30 @@ impl Completions {
                 return true;
             }
         };
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match self
-                .db
-                .time("complete_task", store::complete(&self.pool, &event))
-                .await
-            {
-                Ok(true) => {
-                    self.metrics.count("applied");
-                    return true;
-                }
-                Ok(false) => {
-                    // Either a duplicate or a task this database never had.
-                    let known = matches!(store::get(&self.pool, event.task_id).await, Ok(Some(_)));
-                    self.metrics
-                        .count(if known { "duplicate" } else { "unknown_task" });
-                    return true;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, task_id = %event.task_id, retry_in = ?backoff, "cannot record a completion; retrying");
-                    if !back_off(&mut backoff, shutdown).await {
-                        return false;
-                    }
-                }
+        // Every database error is waited out: the event is valid, so only an outage can
+        // keep it from being recorded.
+        let recorded = retry(
+            &mut Backoff::record(),
+            shutdown,
+            |_| true,
+            |e, retry_in| tracing::warn!(error = %e, task_id = %event.task_id, ?retry_in, "cannot record a completion; retrying"),
+            || self.db.time("complete_task", store::complete(&self.pool, &event)),
+        )
+        .await;
+        match recorded {
+            None => false,
+            Some(Ok(true)) => {
+                self.metrics.count("applied");
+                true
+            }
+            // (No error comes back: every one is retried.)
+            Some(Ok(false)) | Some(Err(_)) => {
+                // Either a duplicate or a task this database never had.
+                let known = matches!(store::get(&self.pool, event.task_id).await, Ok(Some(_)));
+                self.metrics
+                    .count(if known { "duplicate" } else { "unknown_task" });
+                true
             }
         }
     }
-}
-
-/// Waits `backoff`, then doubles it (at most 10 s); false if `shutdown` came first.
-async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => return false,
-        _ = tokio::time::sleep(*backoff) => {}
-    }
-    *backoff = (*backoff * 2).min(Duration::from_secs(10));
-    true
 }

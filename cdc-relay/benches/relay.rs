@@ -8,6 +8,9 @@
 //!   read_committed consumer receives;
 //! - latency at a fixed rate: events written at RATE/s for S seconds with the relay running;
 //!   percentiles of (time the consumer receives it − Postgres commit time from `commit_ts`);
+//! - an oversized row: a row of `--oversized-mib` MiB (20) is committed, then a normal row;
+//!   the normal row's commit→visible time, over five rounds (the oversized one is
+//!   dead-lettered without its payload);
 //! - the relay's peak RSS (VmHWM).
 //!
 //! Numbers, not assertions: targets live in the issue notes.
@@ -30,6 +33,7 @@ struct Args {
     linger: String,
     per_tx: usize,
     transaction_timeout: String,
+    oversized_mib: usize,
 }
 
 fn args() -> Args {
@@ -42,6 +46,7 @@ fn args() -> Args {
         linger: "5ms".into(),
         per_tx: 100,
         transaction_timeout: "60s".into(),
+        oversized_mib: 20,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -56,6 +61,7 @@ fn args() -> Args {
             "--linger" => a.linger = value(),
             "--per-tx" => a.per_tx = value().parse().expect("--per-tx ROWS"),
             "--transaction-timeout" => a.transaction_timeout = value(),
+            "--oversized-mib" => a.oversized_mib = value().parse().expect("--oversized-mib MIB"),
             // cargo bench passes --bench; anything else is a typo worth saying.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -154,6 +160,34 @@ async fn main() {
     let offered = n as f64 / started.elapsed().as_secs_f64();
     let mut lat = reader.await.unwrap();
     lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+
+    // 3. A normal row right behind an oversized one.
+    let mut behind = Vec::new();
+    let mut inserts = Vec::new();
+    for round in 0..5 {
+        let reader = tokio::spawn({
+            let topic = topic.clone();
+            async move {
+                drain(&topic, 1, Duration::from_secs(120), true)
+                    .await
+                    .latencies_ms
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let base = a.events + n + 2 * round;
+        let t = Instant::now();
+        owner
+            .batch_execute(&outbox_insert_sql(1, a.oversized_mib << 20, base))
+            .await
+            .unwrap();
+        inserts.push(t.elapsed().as_secs_f64());
+        owner
+            .batch_execute(&outbox_insert_sql(1, a.size, base + 1))
+            .await
+            .unwrap();
+        behind.extend(reader.await.unwrap());
+    }
+    behind.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let rss = rss_peak_mib(relay.pid());
     let (_, metrics) = relay.get("/metrics").await;
     drop(relay);
@@ -217,6 +251,16 @@ async fn main() {
         avg("batch_events"),
         avg("kafka_transaction_seconds") * 1000.0,
         avg("commit_to_ack_seconds") * 1000.0
+    );
+    println!(
+        "  a row behind a {} MiB one: commit→visible min {:.0} ms, median {:.0} ms, max {:.0} ms over {} rounds (the big row's INSERT took {:.2}–{:.2} s)",
+        a.oversized_mib,
+        behind.first().copied().unwrap_or(f64::NAN),
+        percentile(&behind, 0.5),
+        behind.last().copied().unwrap_or(f64::NAN),
+        behind.len(),
+        inserts.iter().copied().fold(f64::INFINITY, f64::min),
+        inserts.iter().copied().fold(0.0, f64::max),
     );
     println!("  relay peak RSS {rss:.1} MiB");
 

@@ -2,7 +2,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context;
 use cdc_relay::config::Config;
@@ -130,7 +129,7 @@ async fn prepare(
     last_error: &Mutex<Option<String>>,
     shutdown: &CancellationToken,
 ) -> Option<SchemaCache> {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = platform::retry::Backoff::session();
     loop {
         let attempt = async {
             let admin = config.kafka.admin("cdc-relay-admin")?;
@@ -142,15 +141,13 @@ async fn prepare(
         match attempt.await {
             Ok(schemas) => return Some(schemas),
             Err(e) => {
-                tracing::error!(error = %e, retry_in = ?backoff, "cannot prepare topics and schemas");
+                tracing::error!(error = %e, retry_in = ?backoff.peek(), "cannot prepare topics and schemas");
                 *last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(shutdown).await {
+            return None;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 

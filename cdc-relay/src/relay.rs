@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use pgwire_replication::client::{IdentifySystem, ReplicationEvent};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use platform::retry::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, Checkpoint, Identity};
@@ -38,7 +39,7 @@ pub async fn run_source(ctx: Arc<RelayContext>, source: Identifier, shutdown: Ca
     let label = SourceLabel {
         source: source.0.clone(),
     };
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::session();
     let mut last_busy_log: Option<Instant> = None;
     while !shutdown.is_cancelled() {
         let started = Instant::now();
@@ -67,20 +68,18 @@ pub async fn run_source(ctx: Arc<RelayContext>, source: Identifier, shutdown: Ca
                 }
             }
             (_, None) => {
-                tracing::error!(source = %source.0, error = %err, class = class.as_str(), retry_in = ?err.retry_after(backoff), "session failed")
+                tracing::error!(source = %source.0, error = %err, class = class.as_str(), retry_in = ?err.retry_after(backoff.peek()), "session failed")
             }
             (_, Some(stall)) => {
-                tracing::error!(source = %source.0, error = %err, class = class.as_str(), retry_in = ?err.retry_after(backoff), "session failed; source {stall}")
+                tracing::error!(source = %source.0, error = %err, class = class.as_str(), retry_in = ?err.retry_after(backoff.peek()), "session failed; source {stall}")
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(500);
+            backoff.reset();
         }
-        let wait = err.retry_after(backoff);
-        backoff = (backoff * 2).min(Duration::from_secs(30));
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
+        let wait = err.retry_after(backoff.next_delay());
+        if !platform::retry::sleep(wait, &shutdown).await {
+            break;
         }
     }
     tracing::info!(source = %source.0, "source stopped");

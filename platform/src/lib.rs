@@ -11,6 +11,7 @@ pub mod ops;
 pub mod outbox;
 #[cfg(feature = "registry")]
 pub mod registry;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace;

@@ -10,15 +10,6 @@ use std::collections::BTreeMap;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Every topic Kafkify publishes to, which is also every `event_type` an outbox row may carry.
-pub const EVENT_TYPES: [&str; 5] = [
-    "resource.created",
-    "resource.updated",
-    "resource.deleted",
-    "task.process",
-    "task.completed",
-];
-
 /// The topic poison messages of `topic` are dead-lettered to.
 pub fn dlq_topic(topic: &str) -> String {
     format!("{topic}.dlq")
@@ -41,18 +32,6 @@ pub fn confluent_schema_id(payload: Option<&[u8]>) -> Result<u32, String> {
 /// The schema registry subject of a topic's values (TopicNameStrategy).
 pub fn value_subject(topic: &str) -> String {
     format!("{topic}-value")
-}
-
-/// The `.avsc` text of an event type, or `None` for a type Kafkify does not know.
-pub fn schema_text(event_type: &str) -> Option<&'static str> {
-    Some(match event_type {
-        "resource.created" => include_str!("../resource.created.avsc"),
-        "resource.updated" => include_str!("../resource.updated.avsc"),
-        "resource.deleted" => include_str!("../resource.deleted.avsc"),
-        "task.process" => include_str!("../task.process.avsc"),
-        "task.completed" => include_str!("../task.completed.avsc"),
-        _ => return None,
-    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,23 +146,42 @@ mod uuid_text {
     }
 }
 
-macro_rules! event {
-    ($ty:ty, $event_type:literal, $aggregate_type:literal, $id:ident) => {
-        impl Event for $ty {
-            const EVENT_TYPE: &'static str = $event_type;
-            const AGGREGATE_TYPE: &'static str = $aggregate_type;
-            fn aggregate_id(&self) -> String {
-                self.$id.to_string()
+/// The one table of event types: each type's `event_type` (its topic, and its schema file's
+/// name), aggregate type and aggregate id field. Everything else that lists event types is
+/// derived from it.
+macro_rules! events {
+    ($($ty:ty, $event_type:literal, $aggregate_type:literal, $id:ident;)*) => {
+        $(
+            impl Event for $ty {
+                const EVENT_TYPE: &'static str = $event_type;
+                const AGGREGATE_TYPE: &'static str = $aggregate_type;
+                fn aggregate_id(&self) -> String {
+                    self.$id.to_string()
+                }
             }
+        )*
+
+        /// Every topic Kafkify publishes to, which is also every `event_type` an outbox row
+        /// may carry.
+        pub const EVENT_TYPES: [&str; [$($event_type),*].len()] = [$($event_type),*];
+
+        /// The `.avsc` text of an event type, or `None` for a type Kafkify does not know.
+        pub fn schema_text(event_type: &str) -> Option<&'static str> {
+            Some(match event_type {
+                $($event_type => include_str!(concat!("../", $event_type, ".avsc")),)*
+                _ => return None,
+            })
         }
     };
 }
 
-event!(ResourceCreated, "resource.created", "resource", resource_id);
-event!(ResourceUpdated, "resource.updated", "resource", resource_id);
-event!(ResourceDeleted, "resource.deleted", "resource", resource_id);
-event!(TaskProcess, "task.process", "task", task_id);
-event!(TaskCompleted, "task.completed", "task", task_id);
+events! {
+    ResourceCreated, "resource.created", "resource", resource_id;
+    ResourceUpdated, "resource.updated", "resource", resource_id;
+    ResourceDeleted, "resource.deleted", "resource", resource_id;
+    TaskProcess, "task.process", "task", task_id;
+    TaskCompleted, "task.completed", "task", task_id;
+}
 
 #[cfg(test)]
 mod tests;

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
+use platform::retry::{retry, Backoff};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -31,6 +32,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, TopicPartitionList};
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schemas::{Event, ResourceCreated, ResourceDeleted, ResourceUpdated, TaskProcess};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -124,27 +126,27 @@ pub struct Worker {
 
 /// The topics the worker reads (without prefix).
 pub const TOPICS: [&str; 4] = [
-    "resource.created",
-    "resource.updated",
-    "resource.deleted",
-    "task.process",
+    ResourceCreated::EVENT_TYPE,
+    ResourceUpdated::EVENT_TYPE,
+    ResourceDeleted::EVENT_TYPE,
+    TaskProcess::EVENT_TYPE,
 ];
 
 impl Worker {
     /// Runs until `shutdown`: in-flight records finish, their offsets are committed, then it
     /// returns. A broken consumer is rebuilt with back-off.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::session();
         while !shutdown.is_cancelled() {
             match self.clone().session(&shutdown).await {
                 Ok(()) => return,
-                Err(e) => tracing::error!(error = %e, retry_in = ?backoff, "consumer failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff.peek(), "consumer failed")
+                }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+            if !backoff.wait(&shutdown).await {
+                return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
 
@@ -406,25 +408,20 @@ impl Lane {
 
     /// Runs `attempt` until it succeeds, with back-off between transient failures; `None` if
     /// the lane must stop first.
-    async fn retrying<T, F, Fut>(&self, msg: &OwnedMessage, mut attempt: F) -> Option<T>
+    async fn retrying<T, F, Fut>(&self, msg: &OwnedMessage, attempt: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Retry>>,
     {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match attempt().await {
-                Ok(v) => return Some(v),
-                Err(Retry(why)) => {
-                    tracing::warn!(%why, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), retry_in = ?backoff, "transient failure; retrying");
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+        retry(
+            &mut Backoff::record(),
+            &self.stop,
+            |_| true,
+            |Retry(why), retry_in| tracing::warn!(%why, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), ?retry_in, "transient failure; retrying"),
+            attempt,
+        )
+        .await?
+        .ok()
     }
 
     /// Decodes and checks one record and, for a task, runs it.

@@ -87,16 +87,18 @@ pub fn schema_id(payload: Option<&[u8]>) -> Result<u32, Poison> {
 pub fn event(event_type: &str, value: &apache_avro::types::Value) -> Result<Decoded, Poison> {
     let body = |e: apache_avro::Error| Poison::Body(e.to_string());
     let decoded = match event_type {
-        "resource.created" => {
+        ResourceCreated::EVENT_TYPE => {
             Decoded::ResourceCreated(apache_avro::from_value(value).map_err(body)?)
         }
-        "resource.updated" => {
+        ResourceUpdated::EVENT_TYPE => {
             Decoded::ResourceUpdated(apache_avro::from_value(value).map_err(body)?)
         }
-        "resource.deleted" => {
+        ResourceDeleted::EVENT_TYPE => {
             Decoded::ResourceDeleted(apache_avro::from_value(value).map_err(body)?)
         }
-        "task.process" => Decoded::TaskProcess(apache_avro::from_value(value).map_err(body)?),
+        TaskProcess::EVENT_TYPE => {
+            Decoded::TaskProcess(apache_avro::from_value(value).map_err(body)?)
+        }
         other => return Err(Poison::Topic(other.to_string())),
     };
     let rule = |ok: bool, why: &str| {
