@@ -79,6 +79,31 @@ impl Fixture {
         format!("kafkify_{}", self.db.name)
     }
 
+    /// The Postgres cluster's system identifier.
+    async fn system_id(&self) -> String {
+        stack()
+            .admin()
+            .await
+            .query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// What the relay keys this source's checkpoint by.
+    async fn checkpoint_key(&self) -> String {
+        let system_id = self.system_id().await;
+        format!(
+            "{system_id}/{}/{}/{}",
+            self.db.name,
+            self.slot(),
+            self.prefix
+        )
+    }
+
     /// Writes one `resource.created` row and asserts it is the only record on that topic
     /// (read for half a second more, to catch anything else).
     async fn one_event_flows(&self, key: &str, limit: Duration) {
@@ -764,14 +789,7 @@ async fn the_checkpoint_names_its_postgres_cluster_database_slot_and_prefix_and_
     let relay = f.relay().await;
     f.one_event_flows("named", Duration::from_secs(60)).await;
     let admin = stack().admin().await;
-    let system_id: String = admin
-        .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let system_id = f.system_id().await;
     let timeline: i32 = admin
         .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
         .await
@@ -792,10 +810,7 @@ async fn the_checkpoint_names_its_postgres_cluster_database_slot_and_prefix_and_
         "a refresh is the same checkpoint"
     );
     let last = checkpoints.last().expect("a checkpoint record");
-    assert_eq!(
-        last.key,
-        format!("{system_id}/{}/{}/{}", f.db.name, f.slot(), f.prefix)
-    );
+    assert_eq!(last.key, f.checkpoint_key().await);
     let value: serde_json::Value = serde_json::from_slice(&last.raw).unwrap();
     assert_eq!(value["system_id"], system_id.as_str());
     assert_eq!(value["database"], f.db.name.as_str());
@@ -905,15 +920,7 @@ async fn a_checkpoint_past_the_servers_wal_is_refused_until_told_to_start_afresh
     // Kafka holds a checkpoint the server never reached: an asynchronous standby was promoted
     // without the last transactions, which the relay had already published.
     let admin = stack().admin().await;
-    let system_id: String = admin
-        .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let key = format!("{system_id}/{}/{}/{}", f.db.name, f.slot(), f.prefix);
+    let key = f.checkpoint_key().await;
     let producer: rdkafka::producer::FutureProducer = stack().kafka_config().create().unwrap();
     producer
         .send(
