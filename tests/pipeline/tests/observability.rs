@@ -15,7 +15,7 @@ use test_support::service::free_port;
 use test_support::stack;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// Services send spans every 100 ms instead of every 5 s, so the test does not wait long.

@@ -19,7 +19,7 @@ async fn a_python_grpcio_client_works_end_to_end() {
         "KAFKIFY_GRPC_PYTHON names the Python of tests/grpc-python; ./kafkify test installs it and sets it",
     );
     let p = Pipeline::start().await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut cmd = std::process::Command::new(python);
     cmd.arg(root.join("tests/grpc-python/client.py"))
         .args(["--target", &format!("127.0.0.1:{}", p.grpc_port)])

@@ -10,8 +10,6 @@ use api_grpc::pb::{self, TaskStatus};
 use test_support::service::{free_port, workspace_bin, Service};
 use test_support::{consumer_group, stack, unique, Source, TestDb};
 
-pub const WORKER: &str = env!("CARGO_BIN_EXE_worker");
-
 pub struct Pipeline {
     pub rest_db: TestDb,
     pub grpc_db: TestDb,
@@ -110,7 +108,7 @@ impl Pipeline {
     /// Starts the worker without waiting for it to be ready.
     pub fn spawn_worker(&mut self) {
         self.worker = Some(Service::spawn(
-            WORKER,
+            &workspace_bin("worker"),
             &[
                 self.extra.clone(),
                 vec![

@@ -12,7 +12,7 @@
 //! It prints: fault, events written, delivered, duplicates, lost, recovery time.
 //!
 //! It kills the shared Kafka and Postgres, so it runs alone: `./kafkify test` runs it after
-//! the other tests (`cargo test -p worker --test chaos -- --ignored`).
+//! the other tests (`cargo test -p pipeline-tests --test chaos -- --ignored --test-threads=1`).
 
 mod pipeline;
 
@@ -36,7 +36,7 @@ const STEADY: Duration = Duration::from_secs(6);
 const DOWN: Duration = Duration::from_secs(3);
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn epoch() -> f64 {
