@@ -257,6 +257,42 @@ pub fn encode_payload(
     frame(schema_id, schema, &value)
 }
 
+/// The decoded length, in bytes, of the longest string literal in a JSON text (keys
+/// included), counting each `\uXXXX` escape as one byte: at most what the longest string in its
+/// Avro encoding takes, whatever the schema (every string field, map key and map value is
+/// written whole). One pass, no allocation, so a payload of hundreds of MiB can be judged too
+/// large before it is parsed or copied. Text that is not JSON gives some number; such a payload
+/// is dead-lettered with its raw text, which is at least that long, so the verdict holds.
+pub fn longest_string(json: &str) -> usize {
+    let bytes = json.as_bytes();
+    let (mut longest, mut i) = (0, 0);
+    while i < bytes.len() {
+        if bytes[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        i += 1;
+        let mut len = 0;
+        while i < bytes.len() && bytes[i] != b'"' {
+            if bytes[i] == b'\\' {
+                // `\uXXXX` stands for one to three bytes, any other escape for one.
+                i += if bytes.get(i + 1) == Some(&b'u') {
+                    6
+                } else {
+                    2
+                };
+            } else {
+                i += 1;
+            }
+            len += 1;
+        }
+        // UTF-8 characters were counted per byte: exact.
+        longest = longest.max(len);
+        i += 1;
+    }
+    longest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,5 +451,39 @@ mod tests {
                 ("traceparent", "00-t-s-01".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn the_longest_string_is_never_longer_than_its_avro_encoding() {
+        assert_eq!(longest_string(r#"{"a": "xyz", "bb": 12345678}"#), 3);
+        assert_eq!(longest_string(r#"{"key_is_longest": 1}"#), 14);
+        // Escapes count as what they stand for, at least: \n is one byte, \u00e9 two (one counted).
+        assert_eq!(longest_string(r#"["a\nb", "\u00e9\u00e9"]"#), 3);
+        assert_eq!(longest_string(r#"["\"quoted\""]"#), 8);
+        assert_eq!(longest_string("é"), 0);
+        assert_eq!(longest_string(r#"["ééé"]"#), 6, "UTF-8 bytes");
+        assert_eq!(longest_string("not json \"abc"), 3);
+        assert_eq!(longest_string(""), 0);
+
+        // Against the real encoder: the longest string of a payload that encodes is within its
+        // record.
+        let s = schema("resource.created");
+        for description in ["", "d", &"é\\n".repeat(1000), &"x".repeat(100_000)] {
+            let payload = serde_json::to_string(&ResourceCreated {
+                resource_id: uuid::Uuid::from_u128(1),
+                name: "n".into(),
+                description: description.into(),
+                attributes: BTreeMap::from([("k".repeat(300), "v".into())]),
+                version: 1,
+                created_at: 1,
+            })
+            .unwrap();
+            let framed = encode_payload(&payload, SchemaId(1), &s).unwrap();
+            assert!(
+                longest_string(&payload) <= framed.len(),
+                "{description:.20}"
+            );
+            assert!(longest_string(&payload) >= description.len().min(300));
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The Kafka record of one outbox event: its topic, key, value, headers and producer span.
 
 use crate::config::Config;
-use crate::encode::{encode_payload, headers, KafkaRecord, Origin};
+use crate::encode::{encode_payload, headers, longest_string, KafkaRecord, Origin};
 use crate::outbox::OutboxEvent;
 use crate::registry::SchemaCache;
 
@@ -54,6 +54,59 @@ pub fn build(
     event: &OutboxEvent,
     origin: Origin,
 ) -> KafkaRecord {
+    let limit = config.max_record_bytes as usize;
+    // A string that alone passes the limit makes the record too large however it ends up
+    // (encoded, or dead-lettered with its payload): decided before the payload is parsed,
+    // copied or encoded, each of which would take the row's size again.
+    let floor = BATCH_OVERHEAD + event.aggregate_id.len() + longest_string(&event.payload);
+    let mut record = if floor > limit {
+        let topic = match schemas.get(&event.event_type) {
+            Some(_) => schemas::dlq_topic(&config.topic(&event.event_type)),
+            None => config.topic(UNKNOWN_EVENT_TYPE_DLQ),
+        };
+        too_large(config, source, event, origin, topic, floor)
+    } else {
+        encoded(config, schemas, event, origin)
+    };
+    let size = wire_size(&record);
+    if size > limit {
+        let topic = match record.dead_letter {
+            Some(_) => record.topic,
+            None => schemas::dlq_topic(&record.topic),
+        };
+        record = too_large(config, source, event, origin, topic, size);
+    }
+    if let Some(reason) = record.dead_letter {
+        let detail = record
+            .headers
+            .iter()
+            .find(|(k, _)| *k == "dlq_reason")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        tracing::warn!(
+            source,
+            event_id = %event.id,
+            event_type = %event.event_type,
+            lsn = %origin.lsn,
+            size = size.max(floor),
+            reason,
+            detail,
+            topic = %record.topic,
+            "dead-lettering an outbox event"
+        );
+    }
+    record.span = publish_span(event, origin, &record.topic, &mut record.headers);
+    record
+}
+
+/// The event's record: Avro on its topic, or the raw payload on a dead-letter topic when it
+/// cannot be encoded.
+fn encoded(
+    config: &Config,
+    schemas: &SchemaCache,
+    event: &OutboxEvent,
+    origin: Origin,
+) -> KafkaRecord {
     let mut h = headers(event, origin);
     let (topic, value, dead_letter) = match schemas.get(&event.event_type) {
         Some((id, schema)) => match encode_payload(&event.payload, *id, schema) {
@@ -81,44 +134,14 @@ pub fn build(
     if dead_letter.is_some() {
         h.push(("dlq_origin", "cdc-relay".to_string()));
     }
-    let mut record = KafkaRecord {
+    KafkaRecord {
         topic,
         key: event.aggregate_id.clone(),
         value,
         headers: h,
         span: None,
         dead_letter,
-    };
-    let size = wire_size(&record);
-    let limit = config.max_record_bytes as usize;
-    if size > limit {
-        let topic = match record.dead_letter {
-            Some(_) => record.topic,
-            None => schemas::dlq_topic(&record.topic),
-        };
-        record = too_large(config, source, event, origin, topic, size);
     }
-    if let Some(reason) = record.dead_letter {
-        let detail = record
-            .headers
-            .iter()
-            .find(|(k, _)| *k == "dlq_reason")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_default();
-        tracing::warn!(
-            source,
-            event_id = %event.id,
-            event_type = %event.event_type,
-            lsn = %origin.lsn,
-            size,
-            reason,
-            detail,
-            topic = %record.topic,
-            "dead-lettering an outbox event"
-        );
-    }
-    record.span = publish_span(event, origin, &record.topic, &mut record.headers);
-    record
 }
 
 /// The dead letter of an event whose record would exceed `RELAY_MAX_RECORD_BYTES`: on its
@@ -145,7 +168,7 @@ fn too_large(
         (
             "dlq_detail",
             format!(
-                "the record would take {size} bytes; RELAY_MAX_RECORD_BYTES is {}",
+                "the record would take at least {size} bytes; RELAY_MAX_RECORD_BYTES is {}",
                 config.max_record_bytes
             ),
         ),
