@@ -12,7 +12,7 @@ use api_grpc::pb::ProcessTaskRequest;
 use test_support::bench::{
     alternate_with_pgbench, arg, median_round, pgbench, report_against_pgbench, Run,
 };
-use test_support::service::{free_port, Service};
+use test_support::service::Service;
 use test_support::{stack, Source, TestDb};
 use tonic::transport::Channel;
 
@@ -135,12 +135,11 @@ async fn main() {
         )
         .await
         .unwrap();
-    let port = free_port();
     let mut api = Service::spawn(
         BIN,
         &[
             ("DATABASE_URL", db.owner_dsn()),
-            ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+            ("GRPC_ADDR", "127.0.0.1:0".into()),
             ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
             ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
             ("TOPIC_PREFIX", prefix.clone()),
@@ -148,6 +147,10 @@ async fn main() {
         ],
     );
     api.wait_for("/ready", 200, Duration::from_secs(30)).await;
+    let port: u16 = api
+        .addr("grpc_addr")
+        .and_then(|a| a.rsplit(':').next()?.parse().ok())
+        .expect("api-grpc says where it listens");
     let clients = channels(port, 4).await;
 
     closed_loop(&clients, workers, 2).await;

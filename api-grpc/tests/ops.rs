@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use prost::Message as _;
 
-use test_support::service::{check_bad_setting, check_ops_contract, free_port, Service};
+use test_support::service::{check_bad_setting, check_ops_contract, Service};
 use test_support::{stack, Source, TestDb};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -12,30 +12,30 @@ use tonic_health::pb::HealthCheckRequest;
 
 const BIN: &str = env!("CARGO_BIN_EXE_api-grpc");
 
-fn env(db: &TestDb, grpc_port: u16) -> Vec<(&'static str, String)> {
+fn env(db: &TestDb) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.owner_dsn()),
         ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
-        ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
+        ("GRPC_ADDR", "127.0.0.1:0".into()),
     ]
 }
 
 #[tokio::test]
 async fn serves_ops_endpoints_and_stops_on_sigterm() {
     let db = TestDb::create(Source::Grpc).await;
-    check_ops_contract(BIN, &env(&db, free_port()), "kafkify_api_grpc").await;
+    check_ops_contract(BIN, &env(&db), "kafkify_api_grpc").await;
     db.cleanup().await;
 }
 
 #[tokio::test]
 async fn grpc_health_follows_readiness() {
     let db = TestDb::create(Source::Grpc).await;
-    let port = free_port();
-    let mut service = Service::spawn(BIN, &env(&db, port));
+    let mut service = Service::spawn(BIN, &env(&db));
     service
         .wait_for("/ready", 200, Duration::from_secs(30))
         .await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+    let grpc_addr = service.addr("grpc_addr").expect("listening");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
         .unwrap()
         .connect()
         .await
@@ -65,7 +65,7 @@ async fn grpc_health_follows_readiness() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
         .unwrap()
         .connect()
         .await
@@ -101,7 +101,7 @@ async fn grpc_health_follows_readiness() {
         use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
         use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-        let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
             .unwrap()
             .connect()
             .await

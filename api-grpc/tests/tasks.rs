@@ -14,7 +14,7 @@ use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
-use test_support::service::{free_port, Service};
+use test_support::service::Service;
 use test_support::{consumer_group, stack, unique, Source, TestDb};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -54,10 +54,9 @@ impl Fixture {
             )
             .await
             .unwrap();
-        let port = free_port();
         let mut env = vec![
             ("DATABASE_URL", dsn(&db)),
-            ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+            ("GRPC_ADDR", "127.0.0.1:0".into()),
             ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
             ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
             ("TOPIC_PREFIX", prefix),
@@ -69,7 +68,8 @@ impl Fixture {
         service
             .wait_for("/ready", 200, Duration::from_secs(30))
             .await;
-        let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        let grpc_addr = service.addr("grpc_addr").expect("listening");
+        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
             .unwrap()
             .connect()
             .await

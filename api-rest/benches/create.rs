@@ -134,13 +134,13 @@ async fn main() {
     api.wait_for("/ready", 200, Duration::from_secs(30)).await;
 
     // Warm-up: connections, prepared statements.
-    closed_loop(&api.base, clients, 2).await;
+    closed_loop(&api.base(), clients, 2).await;
     let rounds = alternate_with_pgbench(&db, PGBENCH_SCRIPT, clients as u64, seconds, || async {
-        Run::from(closed_loop(&api.base, clients, seconds).await)
+        Run::from(closed_loop(&api.base(), clients, seconds).await)
     })
     .await;
     let peak = median_round(&rounds).api.rate;
-    let half = Run::from(open_loop(&api.base, peak / 2.0, seconds).await);
+    let half = Run::from(open_loop(&api.base(), peak / 2.0, seconds).await);
     report_against_pgbench(
         "api-rest create",
         "creates",

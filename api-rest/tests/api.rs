@@ -41,7 +41,7 @@ impl Api {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.service.base)
+        format!("{}{path}", self.service.base())
     }
 
     async fn send(

@@ -197,7 +197,7 @@ async fn hostile_requests_never_get_a_5xx_and_leave_consistent_data() {
             3 => "/api/v1/resources/".to_string(),
             _ => format!("/api/v1/resources/{id}"),
         };
-        let mut req = http.request(method.clone(), format!("{}{path}", service.base));
+        let mut req = http.request(method.clone(), format!("{}{path}", service.base()));
         let content_type = rng.pick(&[
             "application/json",
             "application/json",

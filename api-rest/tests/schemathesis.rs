@@ -34,7 +34,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
             "/tests/schemathesis.toml"
         ))
         .arg("run")
-        .arg(format!("{}/openapi.json", api.base))
+        .arg(format!("{}/openapi.json", api.base()))
         .args(["--checks", "all"])
         .args([
             "--header",

@@ -776,8 +776,12 @@ async fn a_missing_slot_with_a_checkpoint_in_kafka_is_refused_until_told_to_star
     let second = created(Uuid::new_v4(), "m2", 2);
     insert(&f.db.owner().await, &second).await;
     let got = read_all(2).await;
-    let ids: Vec<String> = got.iter().map(|r| r.event_id()).collect();
-    assert_eq!(ids, vec![first.0.to_string(), second.0.to_string()]);
+    // Two keys, so maybe two partitions: no order between them.
+    let mut ids: Vec<String> = got.iter().map(|r| r.event_id()).collect();
+    ids.sort();
+    let mut want = vec![first.0.to_string(), second.0.to_string()];
+    want.sort();
+    assert_eq!(ids, want);
     drop(relay);
     f.cleanup().await;
 }
@@ -961,7 +965,10 @@ async fn a_checkpoint_past_the_servers_wal_is_refused_until_told_to_start_afresh
     )
     .await;
     assert_eq!(got.len(), 2, "{got:?}");
-    assert_eq!(got[1].event_id(), row.0.to_string());
+    assert!(
+        got.iter().any(|r| r.event_id() == row.0.to_string()),
+        "{got:?}"
+    );
     drop(relay);
     f.cleanup().await;
 }

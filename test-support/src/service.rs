@@ -24,7 +24,9 @@ pub fn workspace_bin(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1: for an address nothing should answer on.
+/// A service under test binds port 0 instead and says where it listens ([`Service::addr`]), so
+/// no other process can take its port between the choice and the bind.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -43,23 +45,22 @@ pub fn log_path(name: &str) -> PathBuf {
 /// A running service binary.
 pub struct Service {
     child: Child,
-    /// `http://127.0.0.1:<port>` of its ops (or API) HTTP port.
-    pub base: String,
+    /// `http://<addr>` of its ops (or API) HTTP port, once its log said it.
+    base: std::sync::OnceLock<String>,
     pub log: PathBuf,
 }
 
 impl Service {
-    /// Starts `bin` with `env` (on top of a clean environment plus PATH) and `HTTP_ADDR` on a free
-    /// port.
+    /// Starts `bin` with `env` (on top of a clean environment plus PATH) and `HTTP_ADDR` on port 0
+    /// of 127.0.0.1 (`env` may say otherwise).
     pub fn spawn(bin: &str, env: &[(&str, String)]) -> Service {
-        let port = free_port();
         let log = log_path(bin.rsplit('/').next().unwrap_or(bin));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .current_dir(log.parent().unwrap())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("HTTP_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
             .env("API_KEYS", crate::API_KEY)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -70,8 +71,41 @@ impl Service {
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
         Service {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: std::sync::OnceLock::new(),
             log,
+        }
+    }
+
+    /// The address in `field` (`http_addr`, `grpc_addr`) of the line every binary logs once it
+    /// listens, if it has logged it.
+    pub fn addr(&self, field: &str) -> Option<String> {
+        let text = std::fs::read_to_string(&self.log).ok()?;
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.ends_with(" listening"))
+            })
+            .and_then(|v| v[field].as_str().map(String::from))
+    }
+
+    /// `http://<addr>` of its HTTP port, waiting (up to 60 s) for the service to listen.
+    pub fn base(&self) -> String {
+        if let Some(base) = self.base.get() {
+            return base.clone();
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(addr) = self.addr("http_addr") {
+                return self.base.get_or_init(|| format!("http://{addr}")).clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the service never said where it listens; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -82,11 +116,21 @@ impl Service {
 
     /// GET `path`; returns the status and body (or status 0 if nothing answered).
     pub async fn get(&self, path: &str) -> (u16, String) {
+        // Not listening yet: nothing answered.
+        let Some(base) = self
+            .base
+            .get()
+            .cloned()
+            .or_else(|| self.addr("http_addr").map(|a| format!("http://{a}")))
+        else {
+            return (0, String::new());
+        };
+        let _ = self.base.set(base.clone());
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
             .unwrap();
-        match client.get(format!("{}{path}", self.base)).send().await {
+        match client.get(format!("{base}{path}")).send().await {
             Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
             Err(_) => (0, String::new()),
         }

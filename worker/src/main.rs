@@ -134,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let router = platform::ops::router(registry, readiness);
     let (addr, server) = platform::ops::bind(config.http_addr, router, shutdown.clone()).await?;
-    tracing::info!(%addr, database = %config.db.database_url, group = %config.consumer_group, "worker listening");
+    tracing::info!(http_addr = %addr, database = %config.db.database_url, group = %config.consumer_group, "worker listening");
     let consumer = tokio::spawn(worker.run(shutdown.clone()));
     let pruning = tokio::spawn(pruner.run(
         pool.clone(),

@@ -111,7 +111,7 @@ fn start_load(
     stop: Arc<std::sync::atomic::AtomicBool>,
     counters: Arc<Counters>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let rest_base = p.rest.base.clone();
+    let rest_base = p.rest.base();
     let http = test_support::api_client();
     let rest = {
         let counters = counters.clone();
@@ -205,7 +205,7 @@ async fn recovery(p: &Pipeline, fault_at: Instant, label: &str) -> Duration {
             "{label}: no write succeeded within {limit:?}"
         );
         let r = http
-            .post(format!("{}/api/v1/resources", p.rest.base))
+            .post(format!("{}/api/v1/resources", p.rest.base()))
             .json(&serde_json::json!({ "name": format!("probe after {label}") }))
             .send()
             .await;

@@ -141,7 +141,7 @@ async fn one_trace_per_request_across_every_service() {
     // REST: api-rest → cdc-relay → worker.
     let (rest_trace, rest_parent) = (random_hex(16), random_hex(8));
     let resp = test_support::api_client()
-        .post(format!("{}/api/v1/resources", p.rest.base))
+        .post(format!("{}/api/v1/resources", p.rest.base()))
         .header("traceparent", format!("00-{rest_trace}-{rest_parent}-01"))
         .json(&serde_json::json!({ "name": "traced" }))
         .send()
@@ -323,7 +323,7 @@ async fn prometheus_finds_every_metric_the_dashboards_and_alerts_use() {
     let id = p.create_resource("metrics").await;
     let client = test_support::api_client();
     let get = client
-        .get(format!("{}/api/v1/resources/{id}", p.rest.base))
+        .get(format!("{}/api/v1/resources/{id}", p.rest.base()))
         .send()
         .await
         .unwrap();
@@ -342,16 +342,17 @@ async fn prometheus_finds_every_metric_the_dashboards_and_alerts_use() {
 
     // The real Prometheus, on its own port, scraping this test's services every second.
     let dir = tempdir();
+    // Prometheus cannot say which port it took: the one chosen port here.
     let port = free_port();
     let target = |base: &str| base.trim_start_matches("http://").to_string();
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n{}",
         repo().join("observability/prometheus/alerts.yml").display(),
         [
-            ("api-rest", target(&p.rest.base)),
-            ("api-grpc", target(&p.grpc.base)),
-            ("cdc-relay", target(&p.relay.base)),
-            ("worker", target(&p.worker.as_ref().unwrap().base)),
+            ("api-rest", target(&p.rest.base())),
+            ("api-grpc", target(&p.grpc.base())),
+            ("cdc-relay", target(&p.relay.base())),
+            ("worker", target(&p.worker.as_ref().unwrap().base())),
         ]
         .iter()
         .map(|(job, t)| format!("  - job_name: {job}\n    static_configs:\n      - targets: [\"{t}\"]\n"))

@@ -62,6 +62,8 @@ impl Pipeline {
             &workspace_bin("api-rest"),
             &with(vec![("DATABASE_URL", rest_db.owner_dsn())]),
         );
+        // api-grpc comes back on the same address after the chaos suite's restart, as behind a
+        // Kubernetes Service: the load's client keeps its channel. The one chosen port here.
         let grpc_port = free_port();
         let grpc_env = with(vec![
             ("DATABASE_URL", grpc_db.owner_dsn()),
@@ -159,7 +161,7 @@ impl Pipeline {
 
     pub async fn create_resource(&self, name: &str) -> String {
         let resp = test_support::api_client()
-            .post(format!("{}/api/v1/resources", self.rest.base))
+            .post(format!("{}/api/v1/resources", self.rest.base()))
             .json(&serde_json::json!({ "name": name }))
             .send()
             .await
