@@ -304,6 +304,19 @@ mod tests {
         schemas::schema(t).unwrap()
     }
 
+    /// The payload of the outbox row PostgreSQL 15.18 sent in pgoutput's captured Insert (see
+    /// `pgoutput::outbox`'s tests), in jsonb's own text form: keys reordered, spaces added.
+    #[test]
+    fn the_captured_outbox_payload_encodes() {
+        let payload = r#"{"version": 3, "deleted_at": 1764097200000000, "resource_id": "0b6e1f55-7d1c-4a8e-9c3f-5e2b8f0d4a11"}"#;
+        let bytes = encode_payload(payload, SchemaId(3), &schema("resource.deleted")).unwrap();
+        let mut want = vec![0, 0, 0, 0, 3, 72];
+        want.extend_from_slice(b"0b6e1f55-7d1c-4a8e-9c3f-5e2b8f0d4a11");
+        want.push(6); // version 3
+        want.extend_from_slice(&[0x80, 0xb0, 0xa4, 0xaf, 0xfc, 0x9b, 0xa2, 0x06]); // deleted_at, zig-zag varint
+        assert_eq!(bytes, want);
+    }
+
     #[test]
     fn a_typed_event_encodes_to_exact_bytes() {
         let event = TaskCompleted {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use worker::decode::{event, schema_id};
+use schemas::decode::{event, schema_id};
 
 const TYPES: [&str; 4] = [
     "resource.created",
@@ -14,7 +14,7 @@ const TYPES: [&str; 4] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    worker::decode::limit_avro_allocations();
+    schemas::decode::limit_avro_allocations();
     let Some((&pick, payload)) = data.split_first() else {
         return;
     };

@@ -2,8 +2,8 @@
 //! a Relation is checked as an outbox table, an Insert against the outbox's columns.
 #![no_main]
 
-use cdc_relay::outbox::OutboxColumns;
-use cdc_relay::pgoutput::{decode, Message};
+use pgoutput::outbox::OutboxColumns;
+use pgoutput::{decode, Message};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
 
 /// The real outbox table's Relation message, as Postgres 15 sent it (id, aggregate_type,
 /// aggregate_id, event_type, payload, traceparent, created_at).
-fn outbox_columns() -> Option<Result<OutboxColumns, cdc_relay::outbox::OutboxError>> {
+fn outbox_columns() -> Option<Result<OutboxColumns, pgoutput::outbox::OutboxError>> {
     let mut m = vec![b'R'];
     m.extend(16_384u32.to_be_bytes());
     m.extend(b"public\0outbox_events\0");

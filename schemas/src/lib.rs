@@ -5,6 +5,8 @@
 //! cdc-relay encodes that JSON with the topic's schema; readers decode the Avro record back into
 //! the same type. The tests prove every type and its schema agree.
 
+pub mod decode;
+
 use std::collections::BTreeMap;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};

@@ -5,6 +5,8 @@
 //!
 //! Malformed or unknown input is an error, never a panic: the bytes come from the network.
 
+pub mod outbox;
+
 use std::fmt;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).

@@ -3,7 +3,7 @@
 //! Columns are found by name in the relation, not by position, so adding a column to the table
 //! (a migration) does not shift what the relay reads.
 
-use crate::pgoutput::{Datum, Relation};
+use crate::{Datum, Relation};
 
 /// The name of the outbox table in every source database.
 pub const OUTBOX_TABLE: &str = "outbox_events";
@@ -113,8 +113,8 @@ fn text(row: &[Datum], i: usize, name: &'static str) -> Result<Option<String>, O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::tests::outbox_relation;
-    use crate::pgoutput::{decode, Message};
+    use crate::tests::outbox_relation;
+    use crate::{decode, Message};
 
     fn relation() -> Relation {
         match decode(&outbox_relation(1)).unwrap() {
@@ -182,7 +182,7 @@ mod tests {
     const CAPTURED_INSERT: &str = "490000497f4e0007740000002430623665316635352d376431632d346138652d396333662d35653262386630643461313174000000087265736f757263657400000004722d343274000000107265736f757263652e64656c6574656474000000657b2276657273696f6e223a20332c202264656c657465645f6174223a20313736343039373230303030303030302c20227265736f757263655f6964223a202230623665316635352d376431632d346138652d396333662d356532623866306434613131227d740000003730302d34626639326633353737623334646136613363653932396430653065343733362d303066303637616130626139303262372d30317400000016323032362d31312d32352031393a30303a30302b3030";
 
     #[test]
-    fn captured_bytes_decode_to_the_outbox_row_and_encode() {
+    fn captured_bytes_decode_to_the_outbox_row() {
         let Message::Relation(rel) = decode(&unhex(CAPTURED_RELATION)).unwrap() else {
             panic!()
         };
@@ -213,15 +213,6 @@ mod tests {
                 traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             }
         );
-        let schema = schemas::schema("resource.deleted").unwrap();
-        let bytes =
-            crate::encode::encode_payload(&event.payload, crate::encode::SchemaId(3), &schema)
-                .unwrap();
-        let mut want = vec![0, 0, 0, 0, 3, 72];
-        want.extend_from_slice(b"0b6e1f55-7d1c-4a8e-9c3f-5e2b8f0d4a11");
-        want.push(6); // version 3
-        want.extend_from_slice(&[0x80, 0xb0, 0xa4, 0xaf, 0xfc, 0x9b, 0xa2, 0x06]); // deleted_at, zig-zag varint
-        assert_eq!(bytes, want);
     }
 
     #[test]
