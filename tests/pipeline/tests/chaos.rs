@@ -289,6 +289,65 @@ fn kafka_event_ids(prefix: &str) -> OnKafka {
     OnKafka { ids, dead_lettered }
 }
 
+/// What Kafka holds once every outbox row is there, or after a minute of waiting for it.
+/// At quiescence every event the worker consumes is recorded and every task is final, but a
+/// dead letter, or a completion written after its task was last read, may still be in a Kafka
+/// transaction the relay has not committed yet: a read a moment early would count it lost.
+async fn settled_kafka(prefix: &str, rows: &[(String, String, f64)]) -> OnKafka {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let prefix = prefix.to_string();
+        let kafka = tokio::task::spawn_blocking(move || kafka_event_ids(&prefix))
+            .await
+            .unwrap();
+        let missing = rows
+            .iter()
+            .filter(|(id, _, _)| !kafka.ids.contains_key(id))
+            .count();
+        if missing == 0 || Instant::now() >= deadline {
+            return kafka;
+        }
+        eprintln!("chaos: {missing} outbox events not on Kafka yet; reading again");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// The outbox rows missing from Kafka, with what an investigation needs: the event, its
+/// source database and commit time, and the logs of the relay that should have sent it.
+async fn describe_missing(
+    p: &Pipeline,
+    rows: &[(String, String, f64)],
+    on_kafka: &HashMap<String, u32>,
+) -> String {
+    let mut out = String::new();
+    for db in [&p.rest_db, &p.grpc_db, &p.worker_db] {
+        let c = db.owner().await;
+        for (id, event_type, at) in rows.iter().filter(|(id, _, _)| !on_kafka.contains_key(id)) {
+            let found = c
+                .query_opt(
+                    "SELECT aggregate_id, length(payload::text), xmin::text FROM outbox_events WHERE id::text = $1",
+                    &[id],
+                )
+                .await
+                .unwrap();
+            if let Some(r) = found {
+                out.push_str(&format!(
+                    "missing from Kafka: {id} {event_type} in {} (aggregate {}, {} payload bytes, xmin {}) created at {at:.3}\n",
+                    db.name,
+                    r.get::<_, String>(0),
+                    r.get::<_, i32>(1),
+                    r.get::<_, String>(2),
+                ));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "relay log (the current process; earlier ones beside it): {}\n",
+        p.relay.log.display()
+    ));
+    out
+}
+
 /// Reads every topic starting with `prefix` (but the checkpoints) with read_committed from the
 /// start to the end of every partition, each partition in offset order.
 fn read_topics(prefix: &str, mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>)) {
@@ -478,7 +537,7 @@ async fn every_fault_under_load_loses_and_duplicates_nothing() {
     // The worker wrote its completions before marking them consumed; they are in its outbox
     // now, so the outbox is read again.
     let rows = outbox(&p).await;
-    let kafka = kafka_event_ids(&p.prefix);
+    let kafka = settled_kafka(&p.prefix, &rows).await;
     let on_kafka = &kafka.ids;
 
     // The table.
@@ -529,7 +588,8 @@ async fn every_fault_under_load_loses_and_duplicates_nothing() {
     assert_eq!(
         (total_lost, total_dup),
         (0, 0),
-        "lost and duplicated events:\n{table}"
+        "lost and duplicated events:\n{table}\n{}",
+        describe_missing(&p, &rows, on_kafka).await
     );
     assert!(
         strangers.is_empty(),
