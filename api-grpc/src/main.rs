@@ -11,8 +11,8 @@ use api_grpc::service::{RpcMetrics, TaskService};
 use platform::config::CommonArgs;
 use platform::db::{Command, DatabaseArgs};
 use platform::kafka::KafkaArgs;
-use platform::ops::Readiness;
 use platform::registry::RegistryArgs;
+use platform::service::Service;
 use tonic_health::ServingStatus;
 
 mod migrations {
@@ -77,39 +77,39 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = platform::config::load();
-    let telemetry = platform::telemetry::init(&config.common, "api-grpc")
-        .unwrap_or_else(|e| platform::config::fail(e));
-    if config.command == Some(Command::Migrate) {
-        return platform::db::migrate_command(
-            &config.db.database_url,
-            migrations::migrations::runner(),
-        )
-        .await;
-    }
+    let Some(mut svc) = Service::start(
+        "api-grpc",
+        &config.common,
+        &config.db,
+        config.command,
+        migrations::migrations::runner(),
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     config
         .kafka
         .validate()
         .unwrap_or_else(|e| platform::config::fail(e));
     // Migrations need no key; serving does.
     let keys = config.auth.keys_or_exit("the task service");
-    let shutdown = platform::shutdown::token();
+    let shutdown = svc.shutdown.clone();
 
-    let mut registry = platform::metrics::registry("api-grpc");
-    let rpc_metrics = RpcMetrics::register(&mut registry);
+    let registry = &mut svc.registry;
+    let rpc_metrics = RpcMetrics::register(registry);
     let query_metrics = rpc_metrics.db.clone();
-    let consumer_metrics = ConsumerMetrics::register(&mut registry);
-    let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
-    let pruner = platform::outbox::Pruner::register(&mut registry);
+    let consumer_metrics = ConsumerMetrics::register(registry);
     let notifications = prometheus_client::metrics::counter::Counter::default();
     registry.register(
         "task_notifications",
         "Task-change NOTIFYs received by this replica's listener (WatchTask)",
         notifications.clone(),
     );
-    let registry = Arc::new(registry);
-    let pool = platform::db::pool(&config.db)?;
-    let readiness = Readiness::new()
-        .check("database", platform::db::probe(&pool))
+    let registry = Arc::new(std::mem::take(&mut svc.registry));
+    let pool = svc.pool.clone();
+    let readiness = svc
+        .readiness()
         .check(
             "kafka",
             config.kafka.probe("api-grpc").map_err(anyhow::Error::msg)?,
@@ -131,22 +131,17 @@ async fn main() -> anyhow::Result<()> {
         metrics: consumer_metrics,
         db: query_metrics,
     });
-    let background = [
-        tokio::spawn(completions.run(shutdown.clone())),
-        tokio::spawn(api_grpc::service::listen(
-            config.db.database_url.clone(),
-            changes,
-            notifications,
-            shutdown.clone(),
-        )),
-        tokio::spawn(pool_metrics.sample_every(pool.clone(), shutdown.clone())),
-        tokio::spawn(pruner.run(
-            pool.clone(),
-            config.retention.outbox_retention,
-            vec![platform::outbox::OUTBOX],
-            shutdown.clone(),
-        )),
-    ];
+    svc.spawn(completions.run(shutdown.clone()));
+    svc.spawn(api_grpc::service::listen(
+        config.db.database_url.clone(),
+        changes,
+        notifications,
+        shutdown.clone(),
+    ));
+    svc.housekeeping(
+        config.retention.outbox_retention,
+        vec![platform::outbox::OUTBOX],
+    );
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // v1 and v1alpha: grpcurl speaks v1, while Python's grpcio-reflection, older grpcurl, Postman
@@ -220,10 +215,6 @@ async fn main() -> anyhow::Result<()> {
     grpc.context("gRPC server failed")?;
     ops.context("ops server failed")?;
     let _ = health_loop.await;
-    for task in background {
-        let _ = task.await;
-    }
-    tracing::info!("api-grpc stopped");
-    telemetry.shutdown();
+    svc.finish().await;
     Ok(())
 }

@@ -72,29 +72,27 @@ struct Ops {
     pool: deadpool_postgres::Pool,
 }
 
-/// The binary: telemetry, then `migrate`, or the server until SIGTERM (in-flight requests
-/// finish) with the outbox pruner beside it.
+/// The binary: [`platform::service::Service`]'s start (telemetry, then `migrate`), or the
+/// server until SIGTERM (in-flight requests finish) with the outbox pruner beside it.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let telemetry = platform::telemetry::init(&config.common, "api-rest")
-        .unwrap_or_else(|e| platform::config::fail(e));
-    if config.command == Some(Command::Migrate) {
-        return platform::db::migrate_command(
-            &config.db.database_url,
-            migrations::migrations::runner(),
-        )
-        .await;
-    }
+    let Some(mut svc) = platform::service::Service::start(
+        "api-rest",
+        &config.common,
+        &config.db,
+        config.command,
+        migrations::migrations::runner(),
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     // Migrations need no key; serving does.
     let keys = config.auth.keys_or_exit("the API");
-    let shutdown = platform::shutdown::token();
-
-    let pool = platform::db::pool(&config.db)?;
-    let mut registry = platform::metrics::registry("api-rest");
-    let pruner = platform::outbox::Pruner::register(&mut registry);
-    let (http_addr, server) = bind(&config, pool.clone(), keys, registry)?;
+    let registry = std::mem::take(&mut svc.registry);
+    let (http_addr, server) = bind(&config, svc.pool.clone(), keys, registry)?;
     let handle = server.handle();
     actix_web::rt::spawn({
-        let shutdown = shutdown.clone();
+        let shutdown = svc.shutdown.clone();
         async move {
             shutdown.cancelled().await;
             // Graceful: stop accepting, let in-flight requests finish (up to SHUTDOWN_TIMEOUT).
@@ -102,23 +100,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
     // Idempotency keys expire with the outbox rows of the requests they answered.
-    let expiring = vec![
-        platform::outbox::OUTBOX,
-        platform::outbox::AgedTable {
-            table: "idempotency_keys",
-            key: "key",
-        },
-    ];
-    actix_web::rt::spawn(pruner.run(
-        pool,
+    svc.housekeeping(
         config.retention.outbox_retention,
-        expiring,
-        shutdown.clone(),
-    ));
+        vec![
+            platform::outbox::OUTBOX,
+            platform::outbox::AgedTable {
+                table: "idempotency_keys",
+                key: "key",
+            },
+        ],
+    );
     tracing::info!(%http_addr, database = %config.db.database_url, "api-rest listening");
     server.await.context("HTTP server failed")?;
-    tracing::info!("api-rest stopped");
-    telemetry.shutdown();
+    svc.finish().await;
     Ok(())
 }
 

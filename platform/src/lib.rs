@@ -12,6 +12,7 @@ pub mod outbox;
 #[cfg(feature = "registry")]
 pub mod registry;
 pub mod retry;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace;

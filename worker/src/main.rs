@@ -9,8 +9,8 @@ use anyhow::Context;
 use platform::config::CommonArgs;
 use platform::db::{Command, DatabaseArgs};
 use platform::kafka::KafkaArgs;
-use platform::ops::Readiness;
 use platform::registry::RegistryArgs;
+use platform::service::Service;
 
 mod migrations {
     refinery::embed_migrations!("../sql/worker");
@@ -82,29 +82,26 @@ struct Config {
 async fn main() -> anyhow::Result<()> {
     let config: Config = platform::config::load();
     worker::decode::limit_avro_allocations();
-    let telemetry = platform::telemetry::init(&config.common, "worker")
-        .unwrap_or_else(|e| platform::config::fail(e));
-    if config.command == Some(Command::Migrate) {
-        return platform::db::migrate_command(
-            &config.db.database_url,
-            migrations::migrations::runner(),
-        )
-        .await;
-    }
+    let Some(mut svc) = Service::start(
+        "worker",
+        &config.common,
+        &config.db,
+        config.command,
+        migrations::migrations::runner(),
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     config
         .kafka
         .validate()
         .unwrap_or_else(|e| platform::config::fail(e));
-    let shutdown = platform::shutdown::token();
-
-    let mut registry = platform::metrics::registry("worker");
-    let metrics = Metrics::register(&mut registry);
-    let pool_metrics = platform::db::PoolMetrics::register(&mut registry);
-    let pruner = platform::outbox::Pruner::register(&mut registry);
-    let registry = Arc::new(registry);
-    let pool = platform::db::pool(&config.db)?;
-    let readiness = Readiness::new()
-        .check("database", platform::db::probe(&pool))
+    let metrics = Metrics::register(&mut svc.registry);
+    let registry = Arc::new(std::mem::take(&mut svc.registry));
+    let pool = svc.pool.clone();
+    let readiness = svc
+        .readiness()
         .check(
             "kafka",
             config.kafka.probe("worker").map_err(anyhow::Error::msg)?,
@@ -133,21 +130,16 @@ async fn main() -> anyhow::Result<()> {
         metrics,
     });
     let router = platform::ops::router(registry, readiness);
-    let (addr, server) = platform::ops::bind(config.http_addr, router, shutdown.clone()).await?;
+    let (addr, server) =
+        platform::ops::bind(config.http_addr, router, svc.shutdown.clone()).await?;
     tracing::info!(http_addr = %addr, database = %config.db.database_url, group = %config.consumer_group, "worker listening");
-    let consumer = tokio::spawn(worker.run(shutdown.clone()));
-    let pruning = tokio::spawn(pruner.run(
-        pool.clone(),
+    let consumer = tokio::spawn(worker.run(svc.shutdown.clone()));
+    svc.housekeeping(
         config.retention.outbox_retention,
         vec![platform::outbox::OUTBOX],
-        shutdown.clone(),
-    ));
-    let sampler = tokio::spawn(pool_metrics.sample_every(pool, shutdown));
+    );
     server.await.context("ops server failed")?;
     consumer.await.context("the consumer panicked")?;
-    let _ = sampler.await;
-    let _ = pruning.await;
-    tracing::info!("worker stopped");
-    telemetry.shutdown();
+    svc.finish().await;
     Ok(())
 }
