@@ -83,6 +83,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_BUFFER_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=1 << 40))]
     pub buffer_bytes: u64,
 
+    /// Replication messages (row changes, begins, commits) the replication client reads ahead
+    /// of the relay, per source. They sit outside RELAY_BUFFER_BYTES: with rows up to N bytes
+    /// the read-ahead holds at most this many times N, so lower it where rows are wide (1,024
+    /// with rows near 1 MiB keeps it to about 1 GiB; the default suits rows of a few KiB).
+    #[arg(long, env = "RELAY_READ_AHEAD", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(16..=65_536))]
+    pub read_ahead: u64,
+
     /// The Kafka transaction timeout (`transaction.timeout.ms`). A Postgres transaction is
     /// published in one Kafka transaction, so one that takes longer to stream is refused,
     /// with a message naming this setting. At most the brokers' transaction.max.timeout.ms.
@@ -278,6 +285,10 @@ mod tests {
         assert!(parse(&["--topic-prefix", "a b"]).is_err());
         assert!(parse(&["--checkpoint-topic", ""]).is_err());
         assert!(parse(&["--topic-partitions", "0"]).is_err());
+        assert_eq!(parse(&[]).unwrap().read_ahead, 8192);
+        assert_eq!(parse(&["--read-ahead", "64"]).unwrap().read_ahead, 64);
+        let refused = parse(&["--read-ahead", "8"]).unwrap_err().to_string();
+        assert!(refused.contains("--read-ahead"), "{refused}");
         assert_eq!(
             parse(&[]).unwrap().batch_linger,
             std::time::Duration::from_millis(5)

@@ -269,6 +269,7 @@ fn replication_config(
     // Acknowledgements reach the server within a second, so slot lag reflects reality.
     .with_status_interval(Duration::from_secs(1))
     .with_wakeup_interval(Duration::from_secs(10))
+    .with_buffer_size(config.read_ahead as usize)
     .with_application_name("kafkify-cdc-relay"))
 }
 

@@ -1230,8 +1230,10 @@ async fn a_million_row_transaction_arrives_once_in_one_kafka_transaction_while_a
         BIN,
         &f.env_with(&[
             ("RELAY_SOURCES", &format!("{},{}", f.db.name, other.name)),
-            // Small buffers, so the transaction is streamed in many chunks.
+            // Small buffers, so the transaction is streamed in many chunks, and a short
+            // read-ahead, so reading Postgres waits on Kafka often.
             ("RELAY_BUFFER_BYTES", "8388608"),
+            ("RELAY_READ_AHEAD", "64"),
             // Long enough that the Kafka transaction is due while the large one streams.
             ("RELAY_BATCH_LINGER", "3s"),
             ("RELAY_TRANSACTION_TIMEOUT", "600s"),
