@@ -2,14 +2,19 @@
 //! its run, how long its writes took to reach Kafka and the worker. Nothing is estimated: for
 //! each resource the run created, the worker's `processed_events` row names the Kafka record
 //! (topic, partition, offset) and holds the Postgres commit time and the time the worker
-//! stored it; the record itself, fetched from Kafka, carries the time the relay produced it.
+//! stored it; the record itself, fetched from Kafka, carries the time the relay produced it. A
+//! read_committed consumer that follows the topic from this service's start notes when each
+//! record became visible: for an exactly-once relay that is the Kafka commit, later than the
+//! produce time, and it is what a consumer of the pipeline waits for.
 //!
 //!   GET /lag?prefix=<name prefix>&expect=<n>&timeout_s=<s>
-//!   → {"found": n, "wal_to_kafka_ms": [...], "end_to_end_ms": [...]}
+//!   → {"found": n, "commit_to_visible_ms": [...], "commit_to_produced_ms": [...],
+//!      "end_to_end_ms": [...]}
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::extract::{Query, State};
@@ -37,6 +42,19 @@ struct Args {
     worker_database_url: String,
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
+    /// The topic whose records' visibility is watched (the resources the scripts create).
+    #[arg(long, env = "LAG_TOPIC", default_value = "resource.created")]
+    topic: String,
+}
+
+/// When each record of the watched topic, by (partition, offset), was first seen by a
+/// read_committed consumer (Unix ms).
+type Visible = Arc<Mutex<HashMap<(i32, i64), f64>>>;
+
+#[derive(Clone)]
+struct AppState {
+    args: Args,
+    visible: Visible,
 }
 
 #[tokio::main]
@@ -46,9 +64,16 @@ async fn main() -> anyhow::Result<()> {
         args.addr.ip().is_loopback(),
         "LAG_ADDR must be a loopback address"
     );
-    let app = Router::new()
-        .route("/lag", get(lag))
-        .with_state(args.clone());
+    let visible = Visible::default();
+    let watcher = watch(&args.kafka_brokers, &args.topic)?;
+    {
+        let visible = visible.clone();
+        std::thread::spawn(move || follow(&watcher, &visible));
+    }
+    let app = Router::new().route("/lag", get(lag)).with_state(AppState {
+        args: args.clone(),
+        visible,
+    });
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
@@ -69,14 +94,18 @@ struct Row {
     processed_ms: f64,
 }
 
-async fn lag(State(args): State<Args>, Query(q): Query<HashMap<String, String>>) -> Json<Value> {
-    match measure(&args, &q).await {
+async fn lag(State(st): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Json<Value> {
+    match measure(&st.args, &st.visible, &q).await {
         Ok(v) => Json(v),
         Err(e) => Json(json!({ "error": format!("{e:#}") })),
     }
 }
 
-async fn measure(args: &Args, q: &HashMap<String, String>) -> anyhow::Result<Value> {
+async fn measure(
+    args: &Args,
+    visible: &Visible,
+    q: &HashMap<String, String>,
+) -> anyhow::Result<Value> {
     let prefix = q.get("prefix").context("prefix is required")?.clone();
     let expect: i64 = q.get("expect").and_then(|v| v.parse().ok()).unwrap_or(0);
     let timeout = Duration::from_secs(
@@ -120,20 +149,74 @@ async fn measure(args: &Args, q: &HashMap<String, String>) -> anyhow::Result<Val
             .collect();
         tokio::task::spawn_blocking(move || record_times(&brokers, &keys)).await??
     };
-    let mut wal_to_kafka = Vec::new();
+    let mut produced = Vec::new();
+    let mut seen = Vec::new();
     let mut end_to_end = Vec::new();
-    for r in &rows {
-        if let Some(ts) = stamps.get(&(r.topic.clone(), r.partition, r.offset)) {
-            wal_to_kafka.push((*ts as f64 - r.commit_ms).max(0.0));
+    {
+        let visible = visible.lock().expect("the watcher never panics holding it");
+        for r in &rows {
+            if let Some(ts) = stamps.get(&(r.topic.clone(), r.partition, r.offset)) {
+                produced.push((*ts as f64 - r.commit_ms).max(0.0));
+            }
+            if r.topic == args.topic {
+                if let Some(at) = visible.get(&(r.partition, r.offset)) {
+                    seen.push((at - r.commit_ms).max(0.0));
+                }
+            }
+            end_to_end.push((r.processed_ms - r.commit_ms).max(0.0));
         }
-        end_to_end.push((r.processed_ms - r.commit_ms).max(0.0));
     }
     Ok(json!({
         "found": rows.len(),
         "expected": expect,
-        "wal_to_kafka_ms": wal_to_kafka,
+        "commit_to_visible_ms": seen,
+        "commit_to_produced_ms": produced,
         "end_to_end_ms": end_to_end,
     }))
+}
+
+/// A read_committed consumer of every partition of `topic`, from its end: what is committed
+/// from now on.
+fn watch(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "kafkify-lag-watch")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        // A fetch answers as soon as anything is visible, not after the default 500 ms.
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.min.bytes", "1")
+        .create()?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("metadata of {topic}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::End)?;
+        }
+    }
+    anyhow::ensure!(
+        tpl.count() > 0,
+        "topic {topic} has no partitions (is the stack up?)"
+    );
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+fn follow(consumer: &BaseConsumer, visible: &Visible) {
+    loop {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+            visible
+                .lock()
+                .expect("only this thread writes")
+                .entry((m.partition(), m.offset()))
+                .or_insert(now);
+        }
+    }
 }
 
 /// The timestamp (ms) of each named record, fetched from Kafka by partition and offset.
