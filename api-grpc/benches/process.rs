@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use api_grpc::pb::task_service_client::TaskServiceClient;
 use api_grpc::pb::ProcessTaskRequest;
-use test_support::bench::{
-    alternate_with_pgbench, arg, median_round, pgbench, report_against_pgbench, Run,
-};
+use test_support::bench::{alternate_with_pgbench, arg, median_round, report_against_pgbench, Run};
 use test_support::service::Service;
 use test_support::{stack, Source, TestDb};
 use tonic::transport::Channel;
@@ -167,16 +165,6 @@ async fn main() {
         seconds,
         &rounds,
         &half,
-    );
-    // api-grpc sends the whole transaction in one write; so can pgbench, and a reader should
-    // see that ceiling too, not only the round-trip-per-statement one.
-    let pipelined = PGBENCH_SCRIPT
-        .replace("BEGIN;", "\\startpipeline\nBEGIN;")
-        .replace("END;", "END;\n\\endpipeline");
-    let pg_pipelined = pgbench(&db, &pipelined, workers as u64, seconds);
-    println!(
-        "  pgbench, same transaction pipelined: {pg_pipelined:.0} tps; API / that: {:.0}%",
-        100.0 * median_round(&rounds).api.rate / pg_pipelined
     );
     drop(api);
     test_support::delete_topics_with_prefix(&prefix).await;

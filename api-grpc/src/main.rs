@@ -209,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
 
     let router = platform::ops::router(registry, readiness);
     let (http_addr, ops) = platform::ops::bind(config.http_addr, router, shutdown).await?;
-    tracing::info!(%grpc_addr, %http_addr, database = %config.db.database_url, "api-grpc listening");
+    tracing::info!(target: platform::ops::LISTENING, %grpc_addr, %http_addr, database = %config.db.database_url, "api-grpc listening");
 
     let (grpc, ops) = tokio::join!(grpc, ops);
     grpc.context("gRPC server failed")?;

@@ -110,7 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             },
         ],
     );
-    tracing::info!(%http_addr, database = %config.db.database_url, "api-rest listening");
+    tracing::info!(target: platform::ops::LISTENING, %http_addr, database = %config.db.database_url, "api-rest listening");
     server.await.context("HTTP server failed")?;
     svc.finish().await;
     Ok(())

@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     let (addr, server) = platform::ops::bind(config.http_addr, router, shutdown.clone()).await?;
     let server = tokio::spawn(server);
     tracing::info!(
+        target: platform::ops::LISTENING,
         http_addr = %addr,
         sources = ?config.sources.iter().map(|s| &s.0).collect::<Vec<_>>(),
         delivery = ?config.delivery,

@@ -95,6 +95,11 @@ struct OpsState {
     readiness: Readiness,
 }
 
+/// The target of the one line each binary logs once it listens (its addresses): tools and
+/// tests read the addresses from it, so a quieter `LOG_LEVEL` can keep it with
+/// `warn,kafkify::listening=info`.
+pub const LISTENING: &str = "kafkify::listening";
+
 /// The ops routes, for services that serve nothing else on their HTTP port.
 pub fn router(registry: Arc<Registry>, readiness: Readiness) -> Router {
     Router::new()

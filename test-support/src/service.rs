@@ -63,7 +63,11 @@ impl Service {
             .env("HTTP_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
             .env("API_KEYS", crate::API_KEY)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| match *k {
+                // A quieter level must still let the line that names the address through.
+                "LOG_LEVEL" => (*k, format!("{v},{}=info", platform::ops::LISTENING)),
+                _ => (*k, v.clone()),
+            }))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)

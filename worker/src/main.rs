@@ -132,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
     let router = platform::ops::router(registry, readiness);
     let (addr, server) =
         platform::ops::bind(config.http_addr, router, svc.shutdown.clone()).await?;
-    tracing::info!(http_addr = %addr, database = %config.db.database_url, group = %config.consumer_group, "worker listening");
+    tracing::info!(target: platform::ops::LISTENING, http_addr = %addr, database = %config.db.database_url, group = %config.consumer_group, "worker listening");
     let consumer = tokio::spawn(worker.run(svc.shutdown.clone()));
     svc.housekeeping(
         config.retention.outbox_retention,
