@@ -175,14 +175,21 @@ async fn measure(
     }))
 }
 
+/// The settings of both of this tool's consumers: assigned partitions, nothing committed,
+/// only what committed Kafka transactions hold.
+fn reader(brokers: &str, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed");
+    c
+}
+
 /// A read_committed consumer of every partition of `topic`, from its end: what is committed
 /// from now on.
 fn watch(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "kafkify-lag-watch")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+    let consumer: BaseConsumer = reader(brokers, "kafkify-lag-watch")
         // A fetch answers as soon as anything is visible, not after the default 500 ms.
         .set("fetch.wait.max.ms", "5")
         .set("fetch.min.bytes", "1")
@@ -206,16 +213,23 @@ fn watch(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
 
 fn follow(consumer: &BaseConsumer, visible: &Visible) {
     loop {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-            visible
-                .lock()
-                .expect("only this thread writes")
-                .entry((m.partition(), m.offset()))
-                .or_insert(now);
-        }
+        let m = match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => m,
+            // librdkafka retries by itself; say so, or a run would just find fewer records.
+            Some(Err(e)) => {
+                eprintln!("kafkify-lag: watching: {e}");
+                continue;
+            }
+            None => continue,
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        visible
+            .lock()
+            .expect("only this thread writes")
+            .entry((m.partition(), m.offset()))
+            .or_insert(now);
     }
 }
 
@@ -225,12 +239,7 @@ fn record_times(
     keys: &[(String, i32, i64)],
 ) -> anyhow::Result<HashMap<(String, i32, i64), i64>> {
     let mut out = HashMap::new();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "kafkify-lag")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
+    let consumer: BaseConsumer = reader(brokers, "kafkify-lag").create()?;
     let mut by_partition: HashMap<(String, i32), Vec<i64>> = HashMap::new();
     for (t, p, o) in keys {
         by_partition.entry((t.clone(), *p)).or_default().push(*o);
