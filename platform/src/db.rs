@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// A parsed `postgres://` URL (or key=value string). `Display` hides the password so the
@@ -18,6 +18,13 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// verified (chain and host name) against the public roots, plus the CA in `sslrootcert` if
 /// the URL names one (libpq's parameter). Any other `sslmode` connects without TLS, so what a
 /// connection does never depends on what the server happens to offer.
+///
+/// Several hosts (libpq's `postgres://u@h1:5432,h2:5432/db`) must come with
+/// `target_session_attrs=read-write`: connections then go to whichever host is the primary,
+/// before and after a failover, and never to a standby, which refuses writes. Each host gets
+/// [`DEFAULT_CONNECT_TIMEOUT`] unless the URL sets `connect_timeout`, so a primary that is gone
+/// without a trace (no refusal, just silence) delays a connection by that much, not by the
+/// operating system's minutes, before the next host is tried.
 #[derive(Clone)]
 pub struct PgUrl {
     pub config: tokio_postgres::Config,
@@ -27,7 +34,67 @@ pub struct PgUrl {
     tls: Arc<rustls::ClientConfig>,
 }
 
+/// How long one connection attempt to one host may take, unless the URL says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl PgUrl {
+    /// Every host of the URL with its port, in the URL's order (a Unix socket directory is
+    /// given as its path).
+    pub fn hosts(&self) -> Vec<(String, u16)> {
+        let ports = self.config.get_ports();
+        self.config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let port = match ports.len() {
+                    0 => 5432,
+                    1 => ports[0],
+                    _ => ports.get(i).copied().unwrap_or(5432),
+                };
+                (host_name(h), port)
+            })
+            .collect()
+    }
+
+    /// The same user, database, password and TLS settings on one host: to reach a host whatever
+    /// its role (the relay asks standbys whether its slots reached them).
+    pub fn on_host(&self, host: &str, port: u16) -> PgUrl {
+        let c = &self.config;
+        let mut one = tokio_postgres::Config::new();
+        one.host(host).port(port);
+        if let Some(v) = c.get_user() {
+            one.user(v);
+        }
+        if let Some(v) = c.get_password() {
+            one.password(v);
+        }
+        if let Some(v) = c.get_dbname() {
+            one.dbname(v);
+        }
+        if let Some(v) = c.get_options() {
+            one.options(v);
+        }
+        if let Some(v) = c.get_application_name() {
+            one.application_name(v);
+        }
+        if let Some(v) = c.get_connect_timeout() {
+            one.connect_timeout(*v);
+        }
+        if let Some(v) = c.get_tcp_user_timeout() {
+            one.tcp_user_timeout(*v);
+        }
+        one.ssl_mode(c.get_ssl_mode())
+            .keepalives(c.get_keepalives())
+            .keepalives_idle(c.get_keepalives_idle())
+            .channel_binding(c.get_channel_binding());
+        PgUrl {
+            config: one,
+            root_cert: self.root_cert.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
     /// Whether connections use TLS (`sslmode=require`).
     pub fn requires_tls(&self) -> bool {
         self.config.get_ssl_mode() == SslMode::Require
@@ -131,6 +198,17 @@ impl FromStr for PgUrl {
         if config.get_user().is_none() {
             return Err("the URL names no user".into());
         }
+        let hosts = config.get_hosts().len();
+        if hosts > 1 && config.get_target_session_attrs() != TargetSessionAttrs::ReadWrite {
+            return Err(format!(
+                "the URL names {hosts} hosts without target_session_attrs=read-write: a \
+                 connection could land on a standby, which refuses writes (add \
+                 ?target_session_attrs=read-write)"
+            ));
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
         if config.get_ssl_mode() != SslMode::Require {
             if root_cert.is_some() {
                 return Err("sslrootcert is given but sslmode is not require".into());
@@ -146,25 +224,27 @@ impl FromStr for PgUrl {
     }
 }
 
+fn host_name(h: &Host) -> String {
+    match h {
+        Host::Tcp(h) => h.clone(),
+        #[cfg(unix)]
+        Host::Unix(p) => p.display().to_string(),
+    }
+}
+
 impl fmt::Display for PgUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
-        let host = c
-            .get_hosts()
-            .first()
-            .map(|h| match h {
-                tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                #[cfg(unix)]
-                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-            })
-            .unwrap_or_default();
-        let port = c.get_ports().first().copied().unwrap_or(5432);
+        let hosts: Vec<String> = self
+            .hosts()
+            .into_iter()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .collect();
         write!(
             f,
-            "postgres://{}@{}:{}/{}",
+            "postgres://{}@{}/{}",
             c.get_user().unwrap_or_default(),
-            host,
-            port,
+            hosts.join(","),
             c.get_dbname().unwrap_or_default()
         )
     }
@@ -248,6 +328,36 @@ pub async fn ping(pool: &Pool) -> Result<(), String> {
         .await
         .map_err(|e| describe(&e))?;
     Ok(())
+}
+
+/// Where a pooled connection landed: `primary 127.0.0.1:5433 (PostgreSQL 17.10)`, for
+/// `/ready`'s details: with several hosts in `DATABASE_URL`, which one is the primary.
+pub async fn server(pool: &Pool) -> Option<String> {
+    let client = pool.get().await.ok()?;
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN 'standby' ELSE 'primary' END,
+                    coalesce(host(inet_server_addr()) || ':' || inet_server_port(), 'local socket'),
+                    split_part(current_setting('server_version'), ' ', 1)",
+            &[],
+        )
+        .await
+        .ok()?;
+    Some(format!(
+        "{} {} (PostgreSQL {})",
+        row.get::<_, String>(0),
+        row.get::<_, String>(1),
+        row.get::<_, String>(2)
+    ))
+}
+
+/// [`server`] as a readiness detail for [`crate::ops::Readiness::detail`].
+pub fn server_detail(pool: &Pool) -> impl Fn() -> crate::ops::DetailFuture + Send + Sync + 'static {
+    let pool = pool.clone();
+    move || {
+        let pool = pool.clone();
+        Box::pin(async move { server(&pool).await })
+    }
 }
 
 /// [`ping`] as a readiness check for [`crate::ops::Readiness::check`].
@@ -389,6 +499,52 @@ mod tests {
             .unwrap();
         assert_eq!(url.to_string(), "postgres://svc@db.example:6543/rest");
         assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn several_hosts_need_read_write_and_are_all_named() {
+        let err = "postgres://u:p@h1:5432,h2:5433/d"
+            .parse::<PgUrl>()
+            .unwrap_err();
+        assert!(err.contains("target_session_attrs=read-write"), "{err}");
+        let url: PgUrl = "postgres://u:p@h1:5432,h2:5433/d?target_session_attrs=read-write"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            url.hosts(),
+            vec![("h1".to_string(), 5432), ("h2".to_string(), 5433)]
+        );
+        assert_eq!(url.to_string(), "postgres://u@h1:5432,h2:5433/d");
+        let one = url.on_host("h2", 5433);
+        assert_eq!(one.to_string(), "postgres://u@h2:5433/d");
+        assert_eq!(one.config.get_password(), Some(&b"p"[..]));
+        assert_eq!(
+            one.config.get_target_session_attrs(),
+            TargetSessionAttrs::Any,
+            "a single host, whatever its role"
+        );
+        // One port for every host, as libpq allows.
+        let shared: PgUrl = "host=a,b port=6000 user=u dbname=d target_session_attrs=read-write"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            shared.hosts(),
+            vec![("a".to_string(), 6000), ("b".to_string(), 6000)]
+        );
+    }
+
+    #[test]
+    fn a_connection_attempt_is_bounded_unless_the_url_says_otherwise() {
+        let url: PgUrl = "postgres://u@h/d".parse().unwrap();
+        assert_eq!(
+            url.config.get_connect_timeout(),
+            Some(&DEFAULT_CONNECT_TIMEOUT)
+        );
+        let url: PgUrl = "postgres://u@h/d?connect_timeout=30".parse().unwrap();
+        assert_eq!(
+            url.config.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(30))
+        );
     }
 
     #[test]

@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 /// What a readiness check returns: `Ok` or why the dependency is not usable.
 pub type CheckFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
+/// What a detail returns: a fact worth showing beside the checks (which Postgres host is the
+/// primary), or `None` when there is nothing to say.
+pub type DetailFuture = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+type DetailFn = Arc<dyn Fn() -> DetailFuture + Send + Sync>;
 
 /// How long one readiness check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -28,6 +32,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Vec<(String, CheckFn)>,
+    details: Vec<(String, DetailFn)>,
 }
 
 impl Readiness {
@@ -46,9 +51,34 @@ impl Readiness {
         self
     }
 
-    /// Runs every check at once. Returns whether all passed and a JSON body naming each result.
+    /// Adds a detail: shown under `details` when it has something to say, never a reason to be
+    /// unready (a check says that).
+    pub fn detail<F, Fut>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Option<String>> + Send + 'static,
+    {
+        self.details
+            .push((name.into(), Arc::new(move || Box::pin(f()))));
+        self
+    }
+
+    /// Runs every check at once. Returns whether all passed and a JSON body naming each result
+    /// (and the details that had something to say).
     pub async fn run(&self) -> (bool, String) {
-        let results = futures_join_all(self.checks.iter().map(|(name, f)| {
+        let details = futures_join_all(self.details.iter().map(|(name, f)| {
+            let (name, fut) = (name.clone(), f());
+            async move {
+                (
+                    name,
+                    tokio::time::timeout(CHECK_TIMEOUT, fut)
+                        .await
+                        .ok()
+                        .flatten(),
+                )
+            }
+        }));
+        let checks = futures_join_all(self.checks.iter().map(|(name, f)| {
             let (name, fut) = (name.clone(), f());
             async move {
                 let outcome = match tokio::time::timeout(CHECK_TIMEOUT, fut).await {
@@ -57,18 +87,23 @@ impl Readiness {
                 };
                 (name, outcome)
             }
-        }))
-        .await;
+        }));
+        let (results, details) = tokio::join!(checks, details);
         let ok = results.iter().all(|(_, r)| r.is_ok());
         let checks: serde_json::Map<String, serde_json::Value> = results
             .into_iter()
             .map(|(name, r)| (name, r.err().unwrap_or_else(|| "ok".into()).into()))
             .collect();
         let status = if ok { "ready" } else { "not ready" };
-        (
-            ok,
-            serde_json::json!({ "status": status, "checks": checks }).to_string(),
-        )
+        let mut body = serde_json::json!({ "status": status, "checks": checks });
+        let details: serde_json::Map<String, serde_json::Value> = details
+            .into_iter()
+            .filter_map(|(name, d)| d.map(|d| (name, d.into())))
+            .collect();
+        if !details.is_empty() {
+            body["details"] = details.into();
+        }
+        (ok, body.to_string())
     }
 }
 
@@ -167,6 +202,22 @@ mod tests {
         assert_eq!(
             body,
             r#"{"checks":{"database":"ok","kafka":"broker \"down\""},"status":"not ready"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn details_are_shown_and_never_decide() {
+        let r = Readiness::new()
+            .check("database", || async { Ok(()) })
+            .detail("postgres", || async {
+                Some("primary 10.0.0.2:5432".to_string())
+            })
+            .detail("nothing", || async { None });
+        let (ok, body) = r.run().await;
+        assert!(ok);
+        assert_eq!(
+            body,
+            r#"{"checks":{"database":"ok"},"details":{"postgres":"primary 10.0.0.2:5432"},"status":"ready"}"#
         );
     }
 

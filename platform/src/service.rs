@@ -75,7 +75,9 @@ impl Service {
 
     /// `/ready`'s checks, starting with the database's; a service adds its own.
     pub fn readiness(&self) -> Readiness {
-        Readiness::new().check("database", crate::db::probe(&self.pool))
+        Readiness::new()
+            .check("database", crate::db::probe(&self.pool))
+            .detail("postgres", crate::db::server_detail(&self.pool))
     }
 
     /// Starts what every service runs beside its work: the outbox pruner over `tables` (rows
