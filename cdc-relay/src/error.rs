@@ -27,6 +27,8 @@ pub enum SessionError {
     PartitionedOutbox { table: String, publication: String },
     #[error("Postgres: {0}")]
     Postgres(String),
+    #[error("no host of DATABASE_URL is a primary (a failover in progress, or none is up): {0}")]
+    NoPrimary(String),
     #[error("replication: {0}")]
     Replication(#[from] pgwire_replication::PgWireError),
     #[error("pgoutput: {0}")]
@@ -62,7 +64,7 @@ impl SessionError {
             SessionError::SlotLost { .. } => "slot_lost",
             SessionError::SlotMissing { .. } => "slot_missing",
             SessionError::CheckpointAhead { .. } => "checkpoint_ahead",
-            SessionError::Postgres(_) => "postgres",
+            SessionError::Postgres(_) | SessionError::NoPrimary(_) => "postgres",
             SessionError::Replication(_) | SessionError::StreamEnded => "replication",
             SessionError::Decode(_) | SessionError::Protocol(_) => "decode",
             SessionError::Outbox(_) | SessionError::PartitionedOutbox { .. } => "outbox",
@@ -94,7 +96,9 @@ impl SessionError {
                     ErrorClass::Retriable
                 }
             }
-            SessionError::Replication(_) | SessionError::StreamEnded => ErrorClass::Retriable,
+            SessionError::Replication(_)
+            | SessionError::StreamEnded
+            | SessionError::NoPrimary(_) => ErrorClass::Retriable,
             SessionError::Sink(SinkError::Kafka(e) | SinkError::Delivery(e)) => {
                 match e.rdkafka_error_code() {
                     Some(
@@ -121,8 +125,9 @@ impl SessionError {
     /// How long to wait before the next session, given the current back-off.
     pub fn retry_after(&self, backoff: Duration) -> Duration {
         match self {
-            // Polling a busy slot is cheap, and fast polling means fast take-over.
-            SessionError::SlotBusy(_) => Duration::from_secs(1),
+            // Polling a busy slot is cheap, and fast polling means fast take-over; so is asking
+            // the hosts which one is the primary, and a promotion is found within a second.
+            SessionError::SlotBusy(_) | SessionError::NoPrimary(_) => Duration::from_secs(1),
             SessionError::SlotLost { .. } | SessionError::SlotMissing { .. } => {
                 Duration::from_secs(30)
             }

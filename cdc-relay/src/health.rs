@@ -65,14 +65,71 @@ impl std::fmt::Display for Stall {
     }
 }
 
+/// The server a source streams from: the first host of `DATABASE_URL` that is a primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Primary {
+    pub host: String,
+    pub port: u16,
+    /// `server_version_num`, e.g. 170010.
+    pub version_num: u32,
+    /// `server_version`, e.g. `17.10`.
+    pub version: String,
+}
+
+impl Primary {
+    /// Failover slots exist from PostgreSQL 17 on.
+    pub fn has_failover_slots(&self) -> bool {
+        self.version_num >= 170_000
+    }
+}
+
+impl std::fmt::Display for Primary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{} (PostgreSQL {})",
+            self.host, self.port, self.version
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct SourceHealth {
     failed_at: Option<Option<Lsn>>,
     failures: u32,
     stalled: Option<Stall>,
+    /// The primary of the last session, and whether it still streams.
+    primary: Option<Primary>,
+    streaming: bool,
 }
 
 impl SourceHealth {
+    /// A session holds the slot on `primary` and streams.
+    pub fn streaming_from(&mut self, primary: Primary) {
+        self.primary = Some(primary);
+        self.streaming = true;
+    }
+
+    /// The session ended (the primary is remembered: after a failover, where it was).
+    pub fn stopped_streaming(&mut self) {
+        self.streaming = false;
+    }
+
+    /// The server the source streams (or last streamed) from.
+    pub fn primary(&self) -> Option<&Primary> {
+        self.primary.as_ref()
+    }
+
+    /// For `/ready`: which host is the primary, as far as this source knows.
+    pub fn server(&self) -> Option<String> {
+        let p = self.primary.as_ref()?;
+        Some(if self.streaming {
+            format!("primary {p}, streaming")
+        } else {
+            format!("last primary {p}, not streaming")
+        })
+    }
+
     /// Postgres was told it may release WAL before `lsn`. True if that ended a stall.
     pub fn acknowledged(&mut self, lsn: Lsn) -> bool {
         let past = match self.failed_at {
@@ -134,11 +191,50 @@ impl Health {
     pub fn stalled(&self, source: &str) -> Option<String> {
         self.with(source, |h| h.stalled().map(|s| s.to_string()))
     }
+
+    /// Which host `source` streams from, for `/ready`'s details.
+    pub fn server(&self, source: &str) -> Option<String> {
+        self.with(source, |h| h.server())
+    }
+
+    /// The primary `source` last streamed from.
+    pub fn primary(&self, source: &str) -> Option<Primary> {
+        self.with(source, |h| h.primary().cloned())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_primary_is_named_while_streaming_and_remembered_after() {
+        let mut h = SourceHealth::default();
+        assert_eq!(h.server(), None, "nothing before the first session");
+        let p = Primary {
+            host: "10.0.0.2".into(),
+            port: 5432,
+            version_num: 170010,
+            version: "17.10".into(),
+        };
+        assert!(p.has_failover_slots());
+        h.streaming_from(p.clone());
+        assert_eq!(
+            h.server().unwrap(),
+            "primary 10.0.0.2:5432 (PostgreSQL 17.10), streaming"
+        );
+        h.stopped_streaming();
+        assert_eq!(
+            h.server().unwrap(),
+            "last primary 10.0.0.2:5432 (PostgreSQL 17.10), not streaming"
+        );
+        assert_eq!(h.primary(), Some(&p));
+        let fifteen = Primary {
+            version_num: 150018,
+            ..p
+        };
+        assert!(!fifteen.has_failover_slots());
+    }
 
     const AT: Option<Lsn> = Some(Lsn(100));
 

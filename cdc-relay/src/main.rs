@@ -35,6 +35,13 @@ async fn main() -> anyhow::Result<()> {
         let slot = config.slot(source);
         let health = health.clone();
         let name = source.0.clone();
+        readiness = readiness.detail(format!("source {}", source.0), {
+            let (health, name) = (health.clone(), source.0.clone());
+            move || {
+                let server = health.server(&name);
+                async move { server }
+            }
+        });
         readiness = readiness.check(format!("source {}", source.0), move || {
             let url = url.clone();
             let publication = publication.clone();

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub kafka_transaction: Histogram,
     pub batch_events: Histogram,
     pub slot_lag: Family<SourceLabel, Gauge>,
+    pub failover_ready: Family<SourceLabel, Gauge>,
     pub streaming: Family<SourceLabel, Gauge>,
     pub stalled: Family<SourceLabel, Gauge>,
     pub confirmed_lsn: Family<SourceLabel, Gauge>,
@@ -56,6 +57,7 @@ impl Metrics {
             // 1 … 65536 events
             batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
             slot_lag: Family::default(),
+            failover_ready: Family::default(),
             streaming: Family::default(),
             stalled: Family::default(),
             confirmed_lsn: Family::default(),
@@ -91,6 +93,11 @@ impl Metrics {
             "slot_lag_bytes",
             "WAL bytes between the server's current position and the slot's confirmed position",
             m.slot_lag.clone(),
+        );
+        registry.register(
+            "slot_failover_ready",
+            "PostgreSQL 17+: 1 while a standby among DATABASE_URL's hosts holds the source's slot synced and persisted (a promotion keeps it), else 0",
+            m.failover_ready.clone(),
         );
         registry.register(
             "source_streaming",

@@ -17,7 +17,7 @@ use crate::checkpoint::{self, Checkpoint, Identity};
 use crate::config::{Config, Delivery, Identifier, MissingSlot};
 use crate::encode::{KafkaRecord, Origin};
 use crate::error::SessionError;
-use crate::health::Health;
+use crate::health::{Health, Primary};
 use crate::machine::{Action, Input, Limits, Machine, Violation};
 use crate::metrics::{DeadLetterLabel, Metrics, SourceLabel, TopicLabel};
 use crate::outbox::{OutboxColumns, OutboxError};
@@ -47,6 +47,7 @@ pub async fn run_source(ctx: Arc<RelayContext>, source: Identifier, shutdown: Ca
         let mut position = None;
         let result = session(&ctx, &source, &shutdown, &mut position).await;
         ctx.metrics.streaming.get_or_create(&label).set(0);
+        ctx.health.with(&source.0, |h| h.stopped_streaming());
         let err = match result {
             Ok(()) => break,
             Err(e) => e,
@@ -85,11 +86,22 @@ pub async fn run_source(ctx: Arc<RelayContext>, source: Identifier, shutdown: Ca
     tracing::info!(source = %source.0, "source stopped");
 }
 
-/// Whether the slot exists; refuses a slot whose WAL is gone.
-async fn slot_exists(client: &tokio_postgres::Client, slot: &str) -> Result<bool, SessionError> {
+/// What the server says of an existing slot.
+struct SlotState {
+    /// PostgreSQL 17+: whether it is a failover slot (kept on the standbys).
+    failover: Option<bool>,
+}
+
+/// The slot, if it exists; refuses a slot whose WAL is gone.
+async fn slot_state(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotState>, SessionError> {
+    // `failover` is a column from PostgreSQL 17 on; through jsonb the query fits every version.
     let row = client
         .query_opt(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT wal_status, (to_jsonb(s) ->> 'failover')::bool
+               FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -102,25 +114,33 @@ async fn slot_exists(client: &tokio_postgres::Client, slot: &str) -> Result<bool
                     slot: slot.to_string(),
                 });
             }
-            Ok(true)
+            Ok(Some(SlotState {
+                failover: row.get(1),
+            }))
         }
-        None => Ok(false),
+        None => Ok(None),
     }
 }
 
-/// Creates the slot, logging its consistent point (where streaming will start).
-async fn create_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), SessionError> {
+/// Creates the slot, logging its consistent point (where streaming will start). On
+/// PostgreSQL 17+ it is a failover slot: a standby with `sync_replication_slots` keeps a copy,
+/// so a promoted standby has it, at a position no later than what Kafka has.
+async fn create_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    failover: bool,
+) -> Result<(), SessionError> {
+    let sql = if failover {
+        // (slot, plugin, temporary, two-phase, failover)
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
     // Two relays starting at once may both try; the loser's error is harmless.
-    match client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await
-    {
+    match client.query_one(sql, &[&slot]).await {
         Ok(row) => {
             let at: String = row.get(0);
-            tracing::info!(slot, at, "created replication slot");
+            tracing::info!(slot, at, failover, "created replication slot");
             Ok(())
         }
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
@@ -232,21 +252,17 @@ fn replication_config(
     config: &Config,
     source: &Identifier,
     slot: &str,
-) -> Result<ReplicationConfig, SessionError> {
+    host: &str,
+    port: u16,
+) -> ReplicationConfig {
     let pg = config.source_url(source);
     let url = &pg.config;
-    let host = match url.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".to_string(),
-    };
     let password = url
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let by_ip = host.parse::<std::net::IpAddr>().is_ok();
-    Ok(ReplicationConfig::new(
+    ReplicationConfig::new(
         host,
         url.get_user().unwrap_or_default(),
         password,
@@ -254,7 +270,7 @@ fn replication_config(
         slot.to_string(),
         config.publication.0.clone(),
     )
-    .with_port(url.get_ports().first().copied().unwrap_or(5432))
+    .with_port(port)
     // As for every other connection (platform::db::PgUrl): TLS, with the server verified,
     // exactly when the URL says sslmode=require. pgwire-replication checks host names only, so
     // for a server addressed by IP it verifies the certificate chain (the pool's connections
@@ -270,7 +286,60 @@ fn replication_config(
     .with_status_interval(Duration::from_secs(1))
     .with_wakeup_interval(Duration::from_secs(10))
     .with_buffer_size(config.read_ahead as usize)
-    .with_application_name("kafkify-cdc-relay"))
+    .with_application_name("kafkify-cdc-relay")
+}
+
+/// How long one host may take to answer before the next is tried.
+const HOST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens the replication session on the primary: each host of `DATABASE_URL` in turn, asked on
+/// the session itself (so the answer holds for the stream that follows) whether it is in
+/// recovery. A standby, which PostgreSQL 16+ would also stream from, is passed over: the slot
+/// and its checkpoint belong to the primary.
+async fn connect_primary(
+    config: &Config,
+    source: &Identifier,
+    slot: &str,
+) -> Result<(ReplicationClient, IdentifySystem, Primary), SessionError> {
+    let mut passed = Vec::new();
+    for (host, port) in config.source_url(source).hosts() {
+        let attempt = tokio::time::timeout(HOST_TIMEOUT, async {
+            let mut repl = ReplicationClient::connect_gated(replication_config(
+                config, source, slot, &host, port,
+            ))
+            .await?;
+            let server = repl.identify_system().await?;
+            let rows = repl
+                .simple_query(
+                    "SELECT pg_is_in_recovery()::text, current_setting('server_version_num'),
+                            split_part(current_setting('server_version'), ' ', 1)",
+                )
+                .await?;
+            let text = |i: usize| {
+                rows.first()
+                    .and_then(|r| r.get(i).cloned().flatten())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            };
+            Ok::<_, SessionError>((repl, server, text(0) == "true", text(1), text(2)))
+        })
+        .await;
+        match attempt {
+            Ok(Ok((repl, server, false, num, version))) => {
+                let primary = Primary {
+                    host,
+                    port,
+                    version_num: num.parse().unwrap_or(0),
+                    version,
+                };
+                return Ok((repl, server, primary));
+            }
+            Ok(Ok(_)) => passed.push(format!("{host}:{port} is a standby")),
+            Ok(Err(e)) => passed.push(format!("{host}:{port}: {e}")),
+            Err(_) => passed.push(format!("{host}:{port}: no answer within {HOST_TIMEOUT:?}")),
+        }
+    }
+    Err(SessionError::NoPrimary(passed.join("; ")))
 }
 
 async fn session(
@@ -288,23 +357,45 @@ async fn session(
     };
     // The replication session first answers IDENTIFY_SYSTEM: the checkpoint belongs to this
     // Postgres cluster, and must not be ahead of its WAL.
-    let mut repl =
-        ReplicationClient::connect_gated(replication_config(config, source, &slot)?).await?;
-    let server = repl.identify_system().await?;
+    let (mut repl, server, primary) = connect_primary(config, source, &slot).await?;
     let identity = Identity {
         system_id: server.system_id.clone(),
         database: source.0.clone(),
         slot: slot.clone(),
         topic_prefix: config.topic_prefix.clone(),
     };
-    let sql = platform::db::connect(&config.source_url(source))
-        .await
-        .map_err(|e| SessionError::Postgres(e.to_string()))?;
+    // The same server as the replication session, whatever the other hosts are now.
+    let sql = platform::db::connect(
+        &config
+            .source_url(source)
+            .on_host(&primary.host, primary.port),
+    )
+    .await
+    .map_err(|e| SessionError::Postgres(e.to_string()))?;
     check_publication(&sql, &config.publication.0).await?;
     let mut fresh = false;
-    if !slot_exists(&sql, &slot).await? {
-        fresh = check_missing_slot(config, kafka(), source, &identity).await?;
-        create_slot(&sql, &slot).await?;
+    match slot_state(&sql, &slot).await? {
+        None => {
+            fresh = check_missing_slot(config, kafka(), source, &identity).await?;
+            create_slot(&sql, &slot, primary.has_failover_slots()).await?;
+        }
+        // A slot made before PostgreSQL 17, or by hand: made a failover slot, so a standby
+        // keeps it from now on. Only possible while no session holds it.
+        Some(SlotState {
+            failover: Some(false),
+        }) if primary.has_failover_slots() => {
+            match repl
+                .simple_query(&format!("ALTER_REPLICATION_SLOT {slot} (FAILOVER true)"))
+                .await
+            {
+                Ok(_) => tracing::info!(slot, "made the slot a failover slot"),
+                Err(e) if e.to_string().contains("is active for PID") => {
+                    return Err(SessionError::SlotBusy(slot))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Some(_) => {}
     }
     drop(sql);
 
@@ -368,7 +459,9 @@ async fn session(
         source: source.0.clone(),
     };
     ctx.metrics.streaming.get_or_create(&label).set(1);
-    tracing::info!(source = %source.0, slot, checkpoint = ?checkpoint.map(|l| l.to_string()), "streaming");
+    let from = format!("{primary}, timeline {}", server.timeline);
+    tracing::info!(source = %source.0, slot, checkpoint = ?checkpoint.map(|l| l.to_string()), from, "streaming");
+    ctx.health.with(&source.0, |h| h.streaming_from(primary));
 
     let limits = Limits {
         max_events: config.batch_max_events as usize,
@@ -687,7 +780,11 @@ async fn send(batches: &Batches, command: Command<Receipt>) -> Result<(), Sessio
         .map_err(|_| SinkError::Task("the Kafka pipeline stopped".into()).into())
 }
 
-/// Polls each source's slot lag every few seconds for the `slot_lag_bytes` gauge.
+/// Every few seconds, per source: the WAL its slot holds on the primary (`slot_lag_bytes`)
+/// and, on PostgreSQL 17+, whether a standby among `DATABASE_URL`'s other hosts holds the slot
+/// synced and persisted (`slot_failover_ready`): only such a copy survives a promotion. A
+/// standby keeps its copy temporary until the primary's slot has moved past the standby's
+/// catalog horizon, which takes a few acknowledgements after the slot is made.
 pub async fn watch_slot_lag(ctx: Arc<RelayContext>, shutdown: CancellationToken) {
     let mut clients: HashMap<String, tokio_postgres::Client> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -697,34 +794,72 @@ pub async fn watch_slot_lag(ctx: Arc<RelayContext>, shutdown: CancellationToken)
             _ = tick.tick() => {}
         }
         for source in &ctx.config.sources {
-            if clients.get(&source.0).is_none_or(|c| c.is_closed()) {
-                match platform::db::connect(&ctx.config.source_url(source)).await {
-                    Ok(c) => {
-                        clients.insert(source.0.clone(), c);
-                    }
-                    Err(_) => continue,
-                }
-            }
-            let Some(client) = clients.get(&source.0) else {
-                continue;
+            let url = ctx.config.source_url(source);
+            let label = SourceLabel {
+                source: source.0.clone(),
             };
             let slot = ctx.config.slot(source);
-            let row = client
-                .query_opt(
-                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
-                     FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await;
-            if let Ok(Some(row)) = row {
-                let lag: Option<i64> = row.get(0);
-                ctx.metrics
-                    .slot_lag
-                    .get_or_create(&SourceLabel {
-                        source: source.0.clone(),
-                    })
-                    .set(lag.unwrap_or(0));
+            // The primary, through the URL's read-write hosts.
+            if let Some(client) = cached(&mut clients, source.0.clone(), &url).await {
+                let row = client
+                    .query_opt(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await;
+                if let Ok(Some(row)) = row {
+                    let lag: Option<i64> = row.get(0);
+                    ctx.metrics
+                        .slot_lag
+                        .get_or_create(&label)
+                        .set(lag.unwrap_or(0));
+                }
             }
+            let Some(primary) = ctx
+                .health
+                .primary(&source.0)
+                .filter(Primary::has_failover_slots)
+            else {
+                continue;
+            };
+            let mut ready = false;
+            for (host, port) in url.hosts() {
+                if host == primary.host && port == primary.port {
+                    continue;
+                }
+                let key = format!("{}@{host}:{port}", source.0);
+                let Some(client) = cached(&mut clients, key, &url.on_host(&host, port)).await
+                else {
+                    continue;
+                };
+                let row = client
+                    .query_one(
+                        "SELECT count(*) FROM pg_replication_slots s
+                          WHERE slot_name = $1 AND pg_is_in_recovery() AND NOT temporary
+                            AND coalesce((to_jsonb(s) ->> 'synced')::bool, false)",
+                        &[&slot],
+                    )
+                    .await;
+                ready |= row.is_ok_and(|r| r.get::<_, i64>(0) > 0);
+            }
+            ctx.metrics
+                .failover_ready
+                .get_or_create(&label)
+                .set(i64::from(ready));
         }
     }
+}
+
+/// A connection kept across ticks, opened again once closed.
+async fn cached<'a>(
+    clients: &'a mut HashMap<String, tokio_postgres::Client>,
+    key: String,
+    url: &platform::db::PgUrl,
+) -> Option<&'a tokio_postgres::Client> {
+    if clients.get(&key).is_none_or(|c| c.is_closed()) {
+        let client = platform::db::connect(url).await.ok()?;
+        clients.insert(key.clone(), client);
+    }
+    clients.get(&key)
 }
