@@ -489,10 +489,9 @@ async fn a_completion_read_during_a_registry_outage_is_applied_afterwards() {
 async fn watch_task_listens_over_tls_when_the_url_asks() {
     let mut f = Fixture::start_full(
         |db| {
-            format!(
-                "{}?sslmode=require&sslrootcert={}",
-                db.owner_dsn(),
-                stack().pg_ca
+            test_support::url_with(
+                &db.owner_dsn(),
+                &format!("sslmode=require&sslrootcert={}", stack().pg_ca),
             )
         },
         &[],

@@ -127,7 +127,9 @@ pub fn bind(
     let metrics = Metrics::register(&mut registry);
     let ops = web::Data::from(Arc::new(Ops {
         registry,
-        readiness: Readiness::new().check("database", platform::db::probe(&pool)),
+        readiness: Readiness::new()
+            .check("database", platform::db::probe(&pool))
+            .detail("postgres", platform::db::server_detail(&pool)),
         metrics: metrics.clone(),
         pool: pool.clone(),
     }));

@@ -154,9 +154,12 @@ async fn service_roles_cannot_replicate_and_the_relay_cannot_write() {
 async fn the_relay_talks_tls_to_postgres_when_the_url_asks() {
     let db = TestDb::create(Source::Rest).await;
     let tls = |dsn: String| {
-        format!(
-            "{dsn}?sslmode=require&sslrootcert={}",
-            test_support::stack().pg_ca
+        test_support::url_with(
+            &dsn,
+            &format!(
+                "sslmode=require&sslrootcert={}",
+                test_support::stack().pg_ca
+            ),
         )
     };
     let url: platform::db::PgUrl = tls(db.relay_dsn()).parse().unwrap();
@@ -173,9 +176,10 @@ async fn the_relay_talks_tls_to_postgres_when_the_url_asks() {
 
     // Without the local CA, the server's certificate does not verify: no connection, and no
     // silent fallback to plaintext.
-    let unverified: platform::db::PgUrl = format!("{}?sslmode=require", db.relay_dsn())
-        .parse()
-        .unwrap();
+    let unverified: platform::db::PgUrl =
+        test_support::url_with(&db.relay_dsn(), "sslmode=require")
+            .parse()
+            .unwrap();
     let err = platform::db::connect(&unverified).await.unwrap_err();
     assert!(err.to_string().contains("cannot connect"), "{err}");
 

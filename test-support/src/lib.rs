@@ -16,6 +16,7 @@ use rdkafka::ClientConfig;
 use uuid::Uuid;
 
 pub mod bench;
+pub mod private_pg;
 pub mod rng;
 pub mod service;
 
@@ -37,6 +38,9 @@ pub struct Stack {
     /// Superuser connection to the `postgres` database.
     pub admin_url: PgUrl,
     pub pg_port: u16,
+    /// Every Postgres node (`KAFKIFY_PG_HOSTS`, host:port, comma-separated): one, or a primary
+    /// and its standby, in which case services get libpq's multi-host URL.
+    pub pg_hosts: String,
     pub kafka_brokers: String,
     pub schema_registry_url: String,
     /// OTLP/HTTP endpoint of the local Jaeger.
@@ -83,8 +87,22 @@ pub fn stack() -> &'static Stack {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        let pg_port: u16 = get("KAFKIFY_PG_PORT").parse().expect("KAFKIFY_PG_PORT");
         Stack {
-            pg_port: get("KAFKIFY_PG_PORT").parse().expect("KAFKIFY_PG_PORT"),
+            pg_port,
+            // The hosts go with the port: a port set in the environment without hosts means
+            // that one node, not the hosts of the stack file.
+            pg_hosts: match (
+                std::env::var("KAFKIFY_PG_HOSTS"),
+                std::env::var("KAFKIFY_PG_PORT"),
+            ) {
+                (Ok(hosts), _) => hosts,
+                (Err(_), Ok(_)) => format!("127.0.0.1:{pg_port}"),
+                (Err(_), Err(_)) => stack_env_file()
+                    .get("KAFKIFY_PG_HOSTS")
+                    .cloned()
+                    .unwrap_or_else(|| format!("127.0.0.1:{pg_port}")),
+            },
             admin_url,
             kafka_brokers: get("KAFKA_BROKERS"),
             schema_registry_url: get("SCHEMA_REGISTRY_URL"),
@@ -148,13 +166,19 @@ impl Stack {
             })
     }
 
-    /// A URL for `kafkify_<role>` on `database`, as a service's `DATABASE_URL` would be.
+    /// A URL for `kafkify_<role>` on `database`, as a service's `DATABASE_URL` would be: with
+    /// a standby, every node and `target_session_attrs=read-write`, so it follows the primary.
     pub fn dsn(&self, role: &str, database: &str) -> String {
-        format!(
-            "postgres://kafkify_{role}:{}@127.0.0.1:{}/{database}",
+        let url = format!(
+            "postgres://kafkify_{role}:{}@{}/{database}",
             self.password(role),
-            self.pg_port
-        )
+            self.pg_hosts
+        );
+        if self.pg_hosts.contains(',') {
+            url_with(&url, "target_session_attrs=read-write")
+        } else {
+            url
+        }
     }
 
     /// [`Stack::dsn`], parsed.
@@ -182,6 +206,12 @@ impl Stack {
     pub fn kafka_admin(&self) -> AdminClient<DefaultClientContext> {
         self.kafka_config().create().expect("Kafka admin client")
     }
+}
+
+/// `url` with more query parameters (`a=1&b=2`), whether or not it has some already.
+pub fn url_with(url: &str, params: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
 }
 
 /// A short random suffix for names that must not collide between tests or runs.
@@ -315,6 +345,7 @@ impl TestDb {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        wait_for_standbys_to_drop_slots(&self.name).await;
         admin
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -328,6 +359,40 @@ impl TestDb {
                     platform::db::describe(&e)
                 )
             });
+    }
+}
+
+/// With a standby (PostgreSQL 17, `sync_replication_slots`), waits until it has dropped its
+/// copies of the slots on `database`, which the primary no longer has. A standby of
+/// PostgreSQL 17.10 that replays `DROP DATABASE` while its slot sync worker holds a slot of that
+/// database stops ("replication slot … is active for PID"), and with it every synchronous
+/// commit of the primary: seen here when a test dropped its database right after its slot.
+async fn wait_for_standbys_to_drop_slots(database: &str) {
+    let stack = stack();
+    if !stack.pg_hosts.contains(',') {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for (host, port) in stack.admin_url.hosts() {
+        let Ok(client) = platform::db::connect(&stack.admin_url.on_host(&host, port)).await else {
+            continue;
+        };
+        // Twice in a row with none: a sync cycle that read the primary's slots just before the
+        // drop could otherwise still make one.
+        let mut clear = 0;
+        while clear < 2 && std::time::Instant::now() < deadline {
+            let left: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots
+                      WHERE database = $1 AND pg_is_in_recovery()",
+                    &[&database],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            clear = if left == 0 { clear + 1 } else { 0 };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::time::{Duration, Instant};
 
 use api_grpc::pb::task_service_client::TaskServiceClient;
