@@ -80,6 +80,9 @@ pub struct Checkpoint {
     /// The Postgres timeline the relay streamed from when it wrote the record (not in legacy
     /// records).
     pub timeline: Option<u32>,
+    /// When it was written (the record's Kafka timestamp, ms since the epoch): operators read
+    /// a checkpoint's age from it. Not part of what the record says.
+    pub written_ms: Option<i64>,
 }
 
 /// The record a commit writes: the LSN, and whose it is (for operators, and so that a reader
@@ -119,7 +122,11 @@ pub fn parse(value: &str, identity: &Identity) -> Option<Checkpoint> {
         None => None,
         Some(t) => Some(u32::try_from(t.as_u64()?).ok()?),
     };
-    Some(Checkpoint { lsn, timeline })
+    Some(Checkpoint {
+        lsn,
+        timeline,
+        written_ms: None,
+    })
 }
 
 /// What the checkpoint topic holds for a source: its own latest record, and the latest one
@@ -244,12 +251,13 @@ fn read_window(
                 continue;
             };
             let value = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
-            *slot = Some(
+            let mut checkpoint =
                 parse(&value, identity).ok_or_else(|| SinkError::BadCheckpoint {
                     key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
                     value,
-                })?,
-            );
+                })?;
+            checkpoint.written_ms = msg.timestamp().to_millis();
+            *slot = Some(checkpoint);
         }
     }
 }
