@@ -1,11 +1,12 @@
-# One image, four entrypoints: `docker run kafkify api-rest` (or api-grpc, cdc-relay, worker).
+# One image, four entrypoints: `docker run kafkify api-rest` (or api-grpc, cdc-relay, worker),
+# and the operator's kafkifyctl (`kubectl exec deploy/cdc-relay -- kafkifyctl status`).
 # Each binary also applies its own migrations: `docker run kafkify api-rest migrate`.
 #
 #   docker build -t kafkify:dev .
 #
 # Stages: `planner` reduces the workspace to its dependency recipe (cargo-chef), `deps` builds
 # only the dependencies from it (a layer that changes only with Cargo.lock or a manifest), `build`
-# compiles the workspace, `runtime` is Debian slim with the four binaries, run as a non-root user.
+# compiles the workspace, `runtime` is Debian slim with the five binaries, run as a non-root user.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
@@ -28,9 +29,10 @@ RUN cargo chef cook --release --locked --recipe-path recipe.json
 
 FROM deps AS build
 COPY . .
-RUN cargo build --release --locked -p api-rest -p api-grpc -p cdc-relay -p worker --bins \
+RUN cargo build --release --locked -p api-rest -p api-grpc -p cdc-relay -p worker -p kafkifyctl --bins \
  && mkdir /out \
- && cp target/release/api-rest target/release/api-grpc target/release/cdc-relay target/release/worker /out/
+ && cp target/release/api-rest target/release/api-grpc target/release/cdc-relay target/release/worker \
+       target/release/kafkifyctl /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 # curl only for container health checks (compose); Kubernetes probes use HTTP directly.
