@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod machine;
 pub mod metrics;
+pub mod operator;
 pub mod producer;
 pub mod record;
 pub mod registry;

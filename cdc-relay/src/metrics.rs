@@ -43,6 +43,7 @@ pub struct Metrics {
     pub stalled: Family<SourceLabel, Gauge>,
     pub confirmed_lsn: Family<SourceLabel, Gauge>,
     pub transactions_skipped: Family<SourceLabel, Counter>,
+    pub operator_skips: Family<SourceLabel, Counter>,
     pub errors: Family<ErrorLabel, Counter>,
 }
 
@@ -62,6 +63,7 @@ impl Metrics {
             stalled: Family::default(),
             confirmed_lsn: Family::default(),
             transactions_skipped: Family::default(),
+            operator_skips: Family::default(),
             errors: Family::default(),
         };
         registry.register(
@@ -118,6 +120,11 @@ impl Metrics {
             "transactions_skipped",
             "Postgres transactions re-sent after a restart and skipped because Kafka already has them",
             m.transactions_skipped.clone(),
+        );
+        registry.register(
+            "operator_skips",
+            "Postgres transactions an operator skipped (kafkifyctl skip); their events are dead-lettered",
+            m.operator_skips.clone(),
         );
         registry.register(
             "errors",

@@ -17,6 +17,8 @@ pub mod reason {
     pub const UNKNOWN_EVENT_TYPE: &str = "unknown_event_type";
     /// The record would exceed `RELAY_MAX_RECORD_BYTES`.
     pub const TOO_LARGE: &str = "too_large";
+    /// An operator skipped its transaction (`kafkifyctl skip`).
+    pub const OPERATOR_SKIP: &str = "operator_skip";
 }
 
 /// What a one-record batch adds to key, value and headers on the wire (record batch v2): the
@@ -60,10 +62,7 @@ pub fn build(
     // copied or encoded, each of which would take the row's size again.
     let floor = BATCH_OVERHEAD + event.aggregate_id.len() + longest_string(&event.payload);
     let mut record = if floor > limit {
-        let topic = match schemas.get(&event.event_type) {
-            Some(_) => schemas::dlq_topic(&config.topic(&event.event_type)),
-            None => config.topic(UNKNOWN_EVENT_TYPE_DLQ),
-        };
+        let topic = dead_letter_topic(config, schemas, event);
         too_large(config, source, event, origin, topic, floor)
     } else {
         encoded(config, schemas, event, origin)
@@ -97,6 +96,39 @@ pub fn build(
     }
     record.span = publish_span(event, origin, &record.topic, &mut record.headers);
     record
+}
+
+/// Where an event that cannot be published goes: its type's dead-letter topic, or the one for
+/// unknown event types.
+fn dead_letter_topic(config: &Config, schemas: &SchemaCache, event: &OutboxEvent) -> String {
+    match schemas.get(&event.event_type) {
+        Some(_) => schemas::dlq_topic(&config.topic(&event.event_type)),
+        None => config.topic(UNKNOWN_EVENT_TYPE_DLQ),
+    }
+}
+
+/// The dead letter of an event whose transaction an operator skipped (`kafkifyctl skip`):
+/// like a too-large one, without the payload (the row stays in the outbox table, where
+/// `kafkifyctl dlq redrive` finds it once the cause is fixed), so it never fails the way the
+/// transaction did. The payload is neither parsed nor encoded.
+pub fn operator_skipped(
+    config: &Config,
+    schemas: &SchemaCache,
+    source: &str,
+    event: &OutboxEvent,
+    origin: Origin,
+    why: &str,
+) -> KafkaRecord {
+    let topic = dead_letter_topic(config, schemas, event);
+    payloadless(
+        source,
+        event,
+        origin,
+        topic,
+        reason::OPERATOR_SKIP,
+        format!("kafkifyctl skip: {}", cut_to(why, DEAD_LETTER_FIELD_MAX)),
+        Vec::new(),
+    )
 }
 
 /// The event's record: Avro on its topic, or the raw payload on a dead-letter topic when it
@@ -155,6 +187,31 @@ fn too_large(
     topic: String,
     size: usize,
 ) -> KafkaRecord {
+    payloadless(
+        source,
+        event,
+        origin,
+        topic,
+        reason::TOO_LARGE,
+        format!(
+            "the record would take at least {size} bytes; RELAY_MAX_RECORD_BYTES is {}",
+            config.max_record_bytes
+        ),
+        vec![("dlq_size", size.to_string())],
+    )
+}
+
+/// A dead letter without the payload: what an operator needs to find the row (it stays in the
+/// outbox table for `OUTBOX_RETENTION`), each field cut so that it always fits.
+fn payloadless(
+    source: &str,
+    event: &OutboxEvent,
+    origin: Origin,
+    topic: String,
+    why: &'static str,
+    detail: String,
+    extra: Vec<(&'static str, String)>,
+) -> KafkaRecord {
     let cut = |s: &str| cut_to(s, DEAD_LETTER_FIELD_MAX).to_string();
     let mut headers = vec![
         ("event_id", cut(&event.id)),
@@ -164,18 +221,12 @@ fn too_large(
         ("source", source.to_string()),
         ("source_lsn", origin.lsn.to_string()),
         ("commit_ts", origin.commit_ts_micros.to_string()),
-        ("dlq_reason", reason::TOO_LARGE.to_string()),
-        (
-            "dlq_detail",
-            format!(
-                "the record would take at least {size} bytes; RELAY_MAX_RECORD_BYTES is {}",
-                config.max_record_bytes
-            ),
-        ),
-        ("dlq_size", size.to_string()),
-        ("dlq_payload", "omitted".to_string()),
-        ("dlq_origin", "cdc-relay".to_string()),
+        ("dlq_reason", why.to_string()),
+        ("dlq_detail", detail),
     ];
+    headers.extend(extra);
+    headers.push(("dlq_payload", "omitted".to_string()));
+    headers.push(("dlq_origin", "cdc-relay".to_string()));
     if let Some(tp) = &event.traceparent {
         headers.push(("traceparent", cut(tp)));
     }
@@ -185,7 +236,7 @@ fn too_large(
         value: Vec::new(),
         headers,
         span: None,
-        dead_letter: Some(reason::TOO_LARGE),
+        dead_letter: Some(why),
     }
 }
 

@@ -455,6 +455,15 @@ async fn session(
         check_against_server(c, &server, &slot)?;
     }
     let checkpoint = checkpoint.map(|c| c.lsn);
+    // Read every session: a stalled source is retried, and the retry after `kafkifyctl skip`
+    // finds the skip.
+    let skips = crate::operator::read_async(
+        kafka(),
+        crate::operator::topic(&config.checkpoint_topic),
+        identity.clone(),
+        checkpoint::read_limit(config.transaction_timeout),
+    )
+    .await?;
     let label = SourceLabel {
         source: source.0.clone(),
     };
@@ -489,6 +498,8 @@ async fn session(
         relations: HashMap::new(),
         per_topic: HashMap::new(),
         position: None,
+        skips,
+        operator_skip: None,
     };
     let result = stream.run(&mut repl, sink, shutdown).await;
     *position = stream.position;
@@ -507,6 +518,10 @@ struct Stream<'a> {
     per_topic: HashMap<(String, Option<&'static str>), u64>,
     /// The last transaction begun or committed: where a failure happened.
     position: Option<Lsn>,
+    /// Transactions an operator skipped (by commit LSN), with the reason.
+    skips: HashMap<Lsn, String>,
+    /// The open transaction is one of them: why.
+    operator_skip: Option<String>,
 }
 
 /// Rows are handed to Kafka in chunks of at most this many (see `machine::Limits`).
@@ -601,6 +616,7 @@ impl Stream<'_> {
                 ..
             } => {
                 self.position = Some(Lsn(final_lsn.as_u64()));
+                self.operator_skip = self.skips.get(&Lsn(final_lsn.as_u64())).cloned();
                 Input::Begin {
                     final_lsn: Lsn(final_lsn.as_u64()),
                     commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
@@ -620,6 +636,12 @@ impl Stream<'_> {
                 Message::Insert { relation, new } => {
                     let cols = match self.relations.get(&relation) {
                         Some(Some(Ok(cols))) => cols,
+                        // Not an outbox row the relay can read: in a skipped transaction it is
+                        // passed over (it stays in its table), else it stops the source.
+                        Some(Some(Err(e))) if self.operator_skip.is_some() => {
+                            tracing::warn!(source = %self.source.0, error = %e, "kafkifyctl skip: passing over a row of a table the relay cannot read");
+                            return Ok(None);
+                        }
                         Some(Some(Err(e))) => return Err(e.clone().into()),
                         Some(None) => return Ok(None),
                         None => {
@@ -636,24 +658,52 @@ impl Stream<'_> {
                         // Kafka has this transaction: no need to build what would be dropped.
                         return Ok(None);
                     }
-                    let event = cols.event(&new)?;
+                    let event = match (cols.event(&new), &self.operator_skip) {
+                        (Ok(event), _) => event,
+                        (Err(e), Some(_)) => {
+                            tracing::warn!(source = %self.source.0, error = %e, "kafkifyctl skip: passing over an outbox row the relay cannot read");
+                            return Ok(None);
+                        }
+                        (Err(e), None) => return Err(e.into()),
+                    };
                     let origin = Origin {
                         lsn: Lsn(wal_start.as_u64()),
                         commit_ts_micros,
                     };
-                    let record = record::build(
-                        &self.ctx.config,
-                        &self.ctx.schemas,
-                        &self.source.0,
-                        &event,
-                        origin,
-                    );
+                    let record = match &self.operator_skip {
+                        Some(why) => record::operator_skipped(
+                            &self.ctx.config,
+                            &self.ctx.schemas,
+                            &self.source.0,
+                            &event,
+                            origin,
+                            why,
+                        ),
+                        None => record::build(
+                            &self.ctx.config,
+                            &self.ctx.schemas,
+                            &self.source.0,
+                            &event,
+                            origin,
+                        ),
+                    };
                     let bytes = record::wire_size(&record);
                     Input::Row { record, bytes }
                 }
                 _ => return Ok(None),
             },
             ReplicationEvent::Commit { end_lsn, .. } => {
+                if let Some(why) = self.operator_skip.take() {
+                    // Once per transaction the relay publishes, not per re-send of one Kafka has.
+                    if !self.machine.skipping() {
+                        tracing::warn!(source = %self.source.0, lsn = %self.position.unwrap_or_default(), reason = %why, "kafkifyctl skip: the transaction's events are dead-lettered without their payload");
+                        self.ctx
+                            .metrics
+                            .operator_skips
+                            .get_or_create(&self.label)
+                            .inc();
+                    }
+                }
                 self.position = Some(Lsn(end_lsn.as_u64()));
                 Input::Commit {
                     end: Lsn(end_lsn.as_u64()),

@@ -14,6 +14,7 @@ mod dlq;
 mod doctor;
 mod kafka;
 mod replay;
+mod skip;
 mod status;
 mod table;
 mod tail;
@@ -61,6 +62,9 @@ enum Command {
     /// Publish a source's outbox rows still in its table again, from a time on: a backfill
     /// for a new consumer. Resumable (--resume RUN_ID).
     Replay(replay::ReplayArgs),
+    /// Get a stalled source past one transaction: refused unless it is stalled at that LSN;
+    /// its events are dead-lettered, and the skip is recorded (--list shows them).
+    Skip(skip::SkipArgs),
     /// Check Postgres, Kafka and the registry against what the relay needs, and say how to fix.
     Doctor {
         /// Only the registry: is every local schema compatible with what is registered? For CI
@@ -86,6 +90,19 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
+/// A command refused because the deployment is not in the state it requires (a skip of a
+/// source that is not stalled there): exit 1.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 const USAGE: u8 = 2;
 const NEEDS_A_PERSON: u8 = 1;
 const UNREACHABLE: u8 = 3;
@@ -102,6 +119,8 @@ async fn main() -> ExitCode {
             eprintln!("kafkifyctl: {e:#}");
             ExitCode::from(if e.downcast_ref::<Usage>().is_some() {
                 USAGE
+            } else if e.downcast_ref::<Refused>().is_some() {
+                NEEDS_A_PERSON
             } else {
                 UNREACHABLE
             })
@@ -203,6 +222,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Skip(args) if args.list => {
+            let skips = skip::list(config).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&skips)?);
+            } else {
+                print!("{}", skip::render_list(&skips));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Skip(args) => {
+            let recorded = skip::skip(config, cli.relay_url.0.trim_end_matches('/'), args).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&recorded)?);
+            } else {
+                println!(
+                    "skip of {} at {} recorded on {}{}",
+                    recorded.source,
+                    recorded.lsn,
+                    recorded.topic,
+                    match recorded.passed {
+                        None => "",
+                        Some(true) => "; the relay got past it",
+                        Some(false) => "; the relay has not got past it within 120 s (kafkifyctl status says why)",
+                    }
+                );
+            }
+            Ok(if recorded.passed == Some(false) {
+                ExitCode::from(NEEDS_A_PERSON)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Doctor {
             schemas,
