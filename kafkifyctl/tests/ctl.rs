@@ -156,7 +156,7 @@ fn source<'a>(status: &'a Value, name: &str) -> &'a Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn tail_decodes_the_records_on_kafka_with_key_partition_offset_and_headers() {
+async fn tail_decodes_the_records_on_kafka_as_confluents_own_client_does() {
     let f = Fixture::new().await;
     let relay = f.relay().await;
     let mut ids = Vec::new();
@@ -191,6 +191,46 @@ async fn tail_decodes_the_records_on_kafka_with_key_partition_offset_and_headers
         );
         assert!(r["offset"].as_i64().is_some() && r["partition"].as_i64().is_some());
     }
+    // Confluent's own client (confluent-kafka's AvroDeserializer) reads the same values.
+    let python = std::env::var("KAFKIFY_CONFLUENT_PYTHON").expect(
+        "KAFKIFY_CONFLUENT_PYTHON names the Python of tests/confluent-python; ./kafkify test installs it and sets it",
+    );
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/confluent-python/read.py");
+    let topic = f.topic("resource.created");
+    let out = Command::new(python)
+        .arg(script)
+        .args([
+            "--brokers",
+            &stack().kafka_brokers,
+            "--registry",
+            &stack().schema_registry_url,
+        ])
+        .args(["--topic", &topic, "--count", "3"])
+        .output()
+        .expect("running tests/confluent-python/read.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(theirs.len(), 3);
+    for t in &theirs {
+        let ours = records
+            .iter()
+            .find(|r| r["partition"] == t["partition"] && r["offset"] == t["offset"])
+            .unwrap_or_else(|| panic!("kafkifyctl tail lacks {t}"));
+        assert_eq!(
+            ours["value"], t["value"],
+            "kafkifyctl and Confluent's client disagree"
+        );
+        assert_eq!(ours["key"], t["key"]);
+    }
+
     let keyed = f.tail_all("resource.created", 2, &["--key", "key-a"]);
     assert_eq!(keyed.len(), 2, "{keyed:?}");
     assert!(keyed.iter().all(|r| r["key"] == "key-a"));
@@ -559,5 +599,221 @@ async fn replay_publishes_the_rows_again_marked_and_a_finished_run_does_nothing_
     assert_eq!(summary["published"], 0, "no resource.deleted rows");
     let (code, _) = f.ctl(None, &["replay", "--source", "nope", "--since", "1h"]);
     assert_eq!(code, 2, "an unknown source is a usage error");
+    f.cleanup().await;
+}
+
+/// A transaction the relay cannot publish (it writes to a second table named outbox_events
+/// that lacks the outbox's columns) stalls its source, and the rows after it wait. A skip at
+/// another LSN is refused; at the stalled one, the transaction's outbox event is
+/// dead-lettered, the rows after it flow once each, and the skip is listed and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn skip_of_a_poison_transaction_lets_the_next_ones_flow() {
+    let f = Fixture::new().await;
+    let owner = f.db.owner().await;
+    owner
+        .batch_execute(
+            "CREATE SCHEMA bad;
+             CREATE TABLE bad.outbox_events (id uuid PRIMARY KEY, junk text);
+             ALTER PUBLICATION kafkify_outbox ADD TABLE bad.outbox_events;",
+        )
+        .await
+        .unwrap();
+    let relay = f.relay().await;
+    let before = f.write("resource.created", "k", 1).await;
+    assert_eq!(f.tail_all("resource.created", 1, &[]).len(), 1);
+
+    let poisoned = Uuid::new_v4();
+    owner
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+               VALUES ('{poisoned}', 'resource', 'k', 'resource.created', '{{}}');
+             INSERT INTO bad.outbox_events VALUES (gen_random_uuid(), 'x');
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let after = [
+        f.write("resource.created", "k", 2).await,
+        f.write("resource.created", "k", 3).await,
+    ];
+
+    // Stalled: the relay names the transaction.
+    let start = Instant::now();
+    let lsn = loop {
+        let (_, out) = f.ctl(Some(&relay), &["status", "--json"]);
+        let status: Value = serde_json::from_str(&out).unwrap();
+        let reason = source(&status, &f.db.name)["reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if let Some(at) = reason.split("stalled at ").nth(1) {
+            break at.split(':').next().unwrap().to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never stalled: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        f.tail_all("resource.created", 1, &[]).len(),
+        1,
+        "nothing passes the poison"
+    );
+
+    let (code, out) = f.ctl(
+        Some(&relay),
+        &[
+            "skip", "--source", &f.db.name, "--lsn", "0/1", "--reason", "wrong",
+        ],
+    );
+    assert_eq!(
+        code, 1,
+        "a skip where the source is not stalled is refused: {out}"
+    );
+    let (_, out) = f.ctl(None, &["skip", "--list", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Vec<Value>>(&out).unwrap().len(),
+        0,
+        "nothing recorded"
+    );
+
+    let (code, out) = f.ctl(
+        Some(&relay),
+        &[
+            "skip",
+            "--source",
+            &f.db.name,
+            "--lsn",
+            &lsn,
+            "--reason",
+            "bad.outbox_events row; ticket 42",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let recorded: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(recorded["passed"], true);
+
+    let published = f.tail_all("resource.created", 3, &[]);
+    let ids: Vec<String> = published
+        .iter()
+        .map(|r| r["headers"]["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        [before, after[0], after[1]].map(|u| u.to_string()),
+        "in order, once each"
+    );
+    let letters = f.tail_all("resource.created.dlq", 1, &[]);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["headers"]["event_id"], poisoned.to_string());
+    assert_eq!(letters[0]["headers"]["dlq_reason"], "operator_skip");
+    assert!(letters[0]["headers"]["dlq_detail"]
+        .as_str()
+        .unwrap()
+        .contains("ticket 42"));
+
+    let (_, out) = f.ctl(None, &["skip", "--list", "--json"]);
+    let skips: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(skips.len(), 1);
+    assert_eq!(skips[0]["lsn"], lsn.as_str());
+    assert_eq!(skips[0]["reason"], "bad.outbox_events row; ticket 42");
+    let (_, metrics) = relay.get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kafkify_cdc_relay_operator_skips_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    relay.terminate(Duration::from_secs(30)).await;
+    f.cleanup().await;
+}
+
+/// A replay SIGKILLed midway and resumed publishes every row of the range exactly once in the
+/// run, in each key's order.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_killed_midway_and_resumed_publishes_each_row_once() {
+    const ROWS: usize = 3000;
+    let f = Fixture::new().await;
+    // The relay makes the topics; the rows are written afterwards, for the replay alone.
+    f.relay().await.terminate(Duration::from_secs(30)).await;
+    f.db.owner()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, created_at)
+             SELECT gen_random_uuid(), 'resource', 'k' || (i % 8), 'resource.created',
+                    jsonb_build_object('resource_id', gen_random_uuid(), 'name', 'n', 'description', 'd',
+                                       'attributes', '{{}}'::jsonb, 'version', i,
+                                       'created_at', 1700000000000000),
+                    now() + i * interval '1 microsecond'
+               FROM generate_series(1, {ROWS}) i"
+        ))
+        .await
+        .unwrap();
+    let mut child = f
+        .ctl_command(&[
+            "replay", "--source", &f.db.name, "--since", "1h", "--batch", "5",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    use std::io::BufRead;
+    stderr.read_line(&mut first).unwrap();
+    let run = first
+        .split("--resume ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("the run id in {first:?}"))
+        .to_string();
+    // Killed once some batches are on Kafka.
+    let start = Instant::now();
+    loop {
+        let (_, out) = f.ctl(
+            None,
+            &[
+                "tail",
+                &f.topic("resource.created"),
+                "--from-beginning",
+                "--exit-at-end",
+                "--count",
+                "20",
+                "--json",
+            ],
+        );
+        if out.lines().count() >= 20 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "nothing replayed"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let midway = f.tail_all("resource.created", 0, &[]).len();
+    assert!(midway < ROWS, "killed midway: {midway} of {ROWS} published");
+
+    let (code, out) = f.ctl(None, &["replay", "--resume", &run, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["published"], ROWS, "{summary}");
+    let all = f.tail_all("resource.created", ROWS, &[]);
+    let mut seen = HashSet::new();
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for r in &all {
+        assert_eq!(r["headers"]["replay_run"], run.as_str());
+        let id = r["headers"]["event_id"].as_str().unwrap().to_string();
+        assert!(seen.insert(id.clone()), "{id} twice");
+        let key = r["key"].as_str().unwrap().to_string();
+        let version = r["value"]["version"].as_i64().unwrap();
+        if let Some(before) = last.insert(key.clone(), version) {
+            assert!(before < version, "{key}: {version} after {before}");
+        }
+    }
+    assert_eq!(seen.len(), ROWS);
     f.cleanup().await;
 }
