@@ -179,6 +179,17 @@ impl Config {
         format!("{}{}", self.slot_prefix.0, source.0)
     }
 
+    /// Whose checkpoint a source's is, on the Postgres cluster `system_id` names: what the relay
+    /// keys its checkpoints and transactional ids by, and what kafkifyctl reads them back by.
+    pub fn identity(&self, source: &Identifier, system_id: String) -> crate::checkpoint::Identity {
+        crate::checkpoint::Identity {
+            system_id,
+            database: source.0.clone(),
+            slot: self.slot(source),
+            topic_prefix: self.topic_prefix.clone(),
+        }
+    }
+
     /// The topic of an event type.
     pub fn topic(&self, event_type: &str) -> String {
         format!("{}{event_type}", self.topic_prefix)

@@ -358,12 +358,7 @@ async fn session(
     // The replication session first answers IDENTIFY_SYSTEM: the checkpoint belongs to this
     // Postgres cluster, and must not be ahead of its WAL.
     let (mut repl, server, primary) = connect_primary(config, source, &slot).await?;
-    let identity = Identity {
-        system_id: server.system_id.clone(),
-        database: source.0.clone(),
-        slot: slot.clone(),
-        topic_prefix: config.topic_prefix.clone(),
-    };
+    let identity = config.identity(source, server.system_id.clone());
     // The same server as the replication session, whatever the other hosts are now.
     let sql = platform::db::connect(
         &config

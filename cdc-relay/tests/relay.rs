@@ -44,16 +44,9 @@ impl Fixture {
     }
 
     fn env_base(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("DATABASE_URL", self.db.relay_dsn()),
-            ("RELAY_SOURCES", self.db.name.clone()),
-            ("RELAY_TOPIC_PREFIX", self.prefix.clone()),
-            ("RELAY_CHECKPOINT_TOPIC", self.checkpoint_topic.clone()),
-            ("RELAY_TOPIC_PARTITIONS", "3".into()),
-            ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
-            ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
-            ("LOG_LEVEL", "info,cdc_relay=debug".into()),
-        ]
+        let mut env = test_support::relay_env(&self.db, &self.prefix, &self.checkpoint_topic);
+        env.push(("LOG_LEVEL", "info,cdc_relay=debug".into()));
+        env
     }
 
     async fn relay(&self) -> Service {

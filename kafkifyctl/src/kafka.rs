@@ -89,15 +89,12 @@ pub fn scan(
     mut each: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<Option<bool>, String> {
     let consumer: BaseConsumer = reader(base, "kafkifyctl-scan")?;
-    let Some(partitions) = partitions(&consumer, topic)? else {
+    let Some(marks) = watermarks(&consumer, topic)? else {
         return Ok(None);
     };
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, CALL)
-            .map_err(|e| format!("offsets of {topic}/{p}: {e}"))?;
+    for (p, (low, high)) in marks {
         if high > low {
             tpl.add_partition_offset(topic, p, Offset::Offset(low))
                 .map_err(|e| e.to_string())?;
@@ -110,15 +107,10 @@ pub fn scan(
     consumer.assign(&tpl).map_err(|e| e.to_string())?;
     let start = Instant::now();
     loop {
-        // With read_committed the position also passes markers and aborted records, so it
-        // reaches each partition's end once every transaction open at the start has ended.
         let positions = consumer.position().map_err(|e| e.to_string())?;
-        let done = ends.iter().all(|(p, end)| {
-            positions
-                .find_partition(topic, *p)
-                .and_then(|e| e.offset().to_raw())
-                .is_some_and(|at| at >= *end)
-        });
+        let done = ends
+            .iter()
+            .all(|(p, end)| reached(&positions, topic, *p, *end));
         if done || start.elapsed() > limit {
             return Ok(Some(done));
         }
@@ -221,8 +213,11 @@ pub fn reader<T: rdkafka::config::FromClientConfig>(
         .map_err(|e| format!("Kafka client: {e}"))
 }
 
-/// The partition ids of a topic, `None` when it does not exist.
-pub fn partitions(consumer: &impl Consumer, topic: &str) -> Result<Option<Vec<i32>>, String> {
+/// Each partition's (low, high) watermarks.
+pub type Watermarks = BTreeMap<i32, (i64, i64)>;
+
+/// A topic's [`Watermarks`], `None` when the topic does not exist.
+pub fn watermarks(consumer: &impl Consumer, topic: &str) -> Result<Option<Watermarks>, String> {
     let metadata = consumer
         .fetch_metadata(Some(topic), CALL)
         .map_err(|e| format!("metadata of {topic}: {e}"))?;
@@ -232,7 +227,24 @@ pub fn partitions(consumer: &impl Consumer, topic: &str) -> Result<Option<Vec<i3
     if t.error().is_some() || t.partitions().is_empty() {
         return Ok(None);
     }
-    Ok(Some(t.partitions().iter().map(|p| p.id()).collect()))
+    let mut out = BTreeMap::new();
+    for p in t.partitions() {
+        let marks = consumer
+            .fetch_watermarks(topic, p.id(), CALL)
+            .map_err(|e| format!("offsets of {topic}/{}: {e}", p.id()))?;
+        out.insert(p.id(), marks);
+    }
+    Ok(Some(out))
+}
+
+/// Whether the consumer's position in `topic`/`partition` is at `end` or past it. With
+/// read_committed the position also passes markers and aborted records, so it gets there once
+/// every transaction open below `end` has ended, whether or not a record was left to read.
+pub fn reached(positions: &TopicPartitionList, topic: &str, partition: i32, end: i64) -> bool {
+    positions
+        .find_partition(topic, partition)
+        .and_then(|e| e.offset().to_raw())
+        .is_some_and(|at| at >= end)
 }
 
 async fn blocking<T: Send + 'static>(

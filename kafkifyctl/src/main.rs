@@ -77,35 +77,62 @@ enum Command {
     },
 }
 
-/// A command given something that cannot work (an unknown source, a run that does not
-/// exist): exit 2, like a usage error.
-#[derive(Debug)]
-pub struct Usage(pub String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
-
-/// A command refused because the deployment is not in the state it requires (a skip of a
-/// source that is not stalled there): exit 1.
-#[derive(Debug)]
-pub struct Refused(pub String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
-
-const USAGE: u8 = 2;
 const NEEDS_A_PERSON: u8 = 1;
+const USAGE: u8 = 2;
 const UNREACHABLE: u8 = 3;
+
+/// An error that ends the command with an exit code of its own rather than 3 (unreachable).
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Exit {
+    /// Given something that cannot work (an unknown source, topic or run): exit 2, like a
+    /// usage error.
+    pub fn usage(message: impl Into<String>) -> Exit {
+        Exit {
+            code: USAGE,
+            message: message.into(),
+        }
+    }
+
+    /// Refused because the deployment is not in the state the command requires (a skip of a
+    /// source that is not stalled there): exit 1.
+    pub fn refused(message: impl Into<String>) -> Exit {
+        Exit {
+            code: NEEDS_A_PERSON,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// `--source`: one of the relay's sources (RELAY_SOURCES), or a usage error naming them.
+pub fn source(
+    config: &cdc_relay::config::Config,
+    name: &str,
+) -> Result<cdc_relay::config::Identifier, Exit> {
+    let source: cdc_relay::config::Identifier = name
+        .parse()
+        .map_err(|e: String| Exit::usage(format!("--source: {e}")))?;
+    if !config.sources.contains(&source) {
+        let known: Vec<&str> = config.sources.iter().map(|s| s.0.as_str()).collect();
+        return Err(Exit::usage(format!(
+            "--source {name}: not one of RELAY_SOURCES ({})",
+            known.join(", ")
+        )));
+    }
+    Ok(source)
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -117,27 +144,32 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kafkifyctl: {e:#}");
-            ExitCode::from(if e.downcast_ref::<Usage>().is_some() {
-                USAGE
-            } else if e.downcast_ref::<Refused>().is_some() {
-                NEEDS_A_PERSON
-            } else {
-                UNREACHABLE
-            })
+            ExitCode::from(e.downcast_ref::<Exit>().map_or(UNREACHABLE, |x| x.code))
         }
     }
 }
 
+/// Prints `value` as JSON with `--json`, else as the text `render` makes of it.
+fn show<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(value));
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = &cli.relay;
+    let relay_url = cli.relay_url.0.trim_end_matches('/');
     match &cli.command {
         Command::Status => {
-            let report = status::gather(config, cli.relay_url.0.trim_end_matches('/')).await;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.render());
-            }
+            let report = status::gather(config, relay_url).await;
+            show(cli.json, &report, |report| report.render())?;
             Ok(if !report.healthy() {
                 ExitCode::from(NEEDS_A_PERSON)
             } else if !report.errors.is_empty() {
@@ -153,11 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq { command } => match command {
             dlq::DlqCommand::List(filter) => {
                 let letters = dlq::read(config, filter).await?;
-                if cli.json {
-                    println!("{}", serde_json::to_string_pretty(&letters)?);
-                } else {
-                    print!("{}", dlq::render_list(&letters));
-                }
+                show(cli.json, &letters, |letters| dlq::render_list(letters))?;
                 Ok(ExitCode::SUCCESS)
             }
             dlq::DlqCommand::Show { event_id } => {
@@ -172,13 +200,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     eprintln!("kafkifyctl: no dead letter has event id {event_id}");
                     return Ok(ExitCode::from(NEEDS_A_PERSON));
                 }
-                if cli.json {
-                    println!("{}", serde_json::to_string_pretty(&letters)?);
-                } else {
-                    for d in &letters {
-                        print!("{}", dlq::render_one(d));
-                    }
-                }
+                show(cli.json, &letters, |letters| {
+                    letters.iter().map(dlq::render_one).collect()
+                })?;
                 Ok(ExitCode::SUCCESS)
             }
             dlq::DlqCommand::Redrive {
@@ -187,11 +211,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 batch,
             } => {
                 let results = dlq::redrive(config, filter, *dry_run, *batch).await?;
-                if cli.json {
-                    println!("{}", serde_json::to_string_pretty(&results)?);
-                } else {
-                    print!("{}", dlq::render_redrive(&results, *dry_run));
-                }
+                show(cli.json, &results, |results| {
+                    dlq::render_redrive(results, *dry_run)
+                })?;
                 // Events that could not be redriven need a person; those done before do not.
                 let stuck = results.iter().any(|r| {
                     matches!(
@@ -210,45 +232,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Replay(args) => {
             let summary = replay::run(config, args).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
-            } else {
-                println!(
-                    "replay {}: {} published, {} skipped (they would be dead-lettered){}",
-                    summary.run,
-                    summary.published,
-                    summary.skipped,
-                    if summary.done { "" } else { ", not finished" }
-                );
-            }
+            show(cli.json, &summary, |s| {
+                format!(
+                    "replay {}: {} published, {} skipped (they would be dead-lettered){}\n",
+                    s.run,
+                    s.published,
+                    s.skipped,
+                    if s.done { "" } else { ", not finished" }
+                )
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Skip(args) if args.list => {
             let skips = skip::list(config).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&skips)?);
-            } else {
-                print!("{}", skip::render_list(&skips));
-            }
+            show(cli.json, &skips, |skips| skip::render_list(skips))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Skip(args) => {
-            let recorded = skip::skip(config, cli.relay_url.0.trim_end_matches('/'), args).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&recorded)?);
-            } else {
-                println!(
-                    "skip of {} at {} recorded on {}{}",
-                    recorded.source,
-                    recorded.lsn,
-                    recorded.topic,
-                    match recorded.passed {
+            let recorded = skip::skip(config, relay_url, args).await?;
+            show(cli.json, &recorded, |r| {
+                format!(
+                    "skip of {} at {} recorded on {}{}\n",
+                    r.source,
+                    r.lsn,
+                    r.topic,
+                    match r.passed {
                         None => "",
                         Some(true) => "; the relay got past it",
                         Some(false) => "; the relay has not got past it within 120 s (kafkifyctl status says why)",
                     }
-                );
-            }
+                )
+            })?;
             Ok(if recorded.passed == Some(false) {
                 ExitCode::from(NEEDS_A_PERSON)
             } else {
@@ -269,11 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(anyhow::Error::msg)?,
             );
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&findings)?);
-            } else {
-                print!("{}", doctor::render(&findings));
-            }
+            show(cli.json, &findings, |findings| doctor::render(findings))?;
             Ok(if findings.iter().any(|f| f.level == doctor::Level::Fail) {
                 ExitCode::from(NEEDS_A_PERSON)
             } else {

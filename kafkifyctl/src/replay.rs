@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use cdc_relay::config::{Config, Identifier};
+use cdc_relay::config::Config;
 use cdc_relay::encode::Origin;
 use cdc_relay::outbox::OutboxEvent;
 use cdc_relay::pgoutput::Lsn;
@@ -19,7 +19,7 @@ use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::kafka;
-use crate::Usage;
+use crate::Exit;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
@@ -77,10 +77,22 @@ pub fn log_topic(config: &Config) -> String {
 pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> {
     let log = log_topic(config);
     kafka::ensure_compacted(config, &log).await?;
+    let run = args
+        .resume
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    // The run's own transactional id: creating the producer fences a killed process of the run
+    // and aborts what it left open, so the state read next is the last committed one.
+    let producer = kafka::transactional(
+        config,
+        "kafkifyctl-replay",
+        &format!("kafkifyctl-replay/{run}"),
+    )
+    .await?;
     let mut state = match &args.resume {
-        Some(run) => {
-            let state = read_state(config, &log, run).await?.ok_or_else(|| {
-                Usage(format!(
+        Some(_) => {
+            let state = read_state(config, &log, &run).await?.ok_or_else(|| {
+                Exit::usage(format!(
                     "no replay run {run} on {log}; start one with --since"
                 ))
             })?;
@@ -91,7 +103,7 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> 
             state
         }
         None => RunState {
-            run: uuid::Uuid::now_v7().to_string(),
+            run,
             source: args
                 .source
                 .clone()
@@ -105,23 +117,7 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> 
             done: false,
         },
     };
-    let source: Identifier = state
-        .source
-        .parse()
-        .map_err(|e: String| Usage(format!("--source: {e}")))?;
-    if !config.sources.contains(&source) {
-        return Err(Usage(format!(
-            "--source {}: not one of RELAY_SOURCES ({})",
-            source.0,
-            config
-                .sources
-                .iter()
-                .map(|s| s.0.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-        .into());
-    }
+    let source = crate::source(config, &state.source)?;
     let event_types: Option<Vec<String>> = state.topic.as_ref().map(|t| {
         schemas::EVENT_TYPES
             .iter()
@@ -130,7 +126,7 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> 
             .collect()
     });
     if event_types.as_ref().is_some_and(Vec::is_empty) {
-        return Err(Usage(format!(
+        return Err(Exit::usage(format!(
             "--topic {}: no event type publishes to it",
             state.topic.as_deref().unwrap_or("")
         ))
@@ -140,12 +136,6 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> 
         "kafkifyctl: replay run {} (resume it with --resume {})",
         state.run, state.run
     );
-    let producer = kafka::transactional(
-        config,
-        "kafkifyctl-replay",
-        &format!("kafkifyctl-replay/{}", state.run),
-    )
-    .await?;
     let schemas = cdc_relay::registry::SchemaCache::register_all(
         &config.registry.schema_registry_url.0,
         &config.topic_prefix,
@@ -251,16 +241,10 @@ fn write_state(producer: &FutureProducer, log: &str, state: &RunState) -> anyhow
     Ok(())
 }
 
-/// The run's last committed state on the log.
+/// The run's last committed state on the log. Read only once the run's producer exists: its
+/// `init_transactions` aborted what a killed process of the run left open, whose state record
+/// would otherwise be seen once aborted.
 async fn read_state(config: &Config, log: &str, run: &str) -> anyhow::Result<Option<RunState>> {
-    // Fencing first: a killed process of this run may hold an open transaction, whose state
-    // record would be seen once it is aborted, and must not be.
-    let fence: FutureProducer = config
-        .kafka
-        .client_config("kafkifyctl-replay")
-        .set("transactional.id", format!("kafkifyctl-replay/{run}"))
-        .create()?;
-    tokio::task::spawn_blocking(move || fence.init_transactions(Duration::from_secs(60))).await??;
     let run = run.to_string();
     kafka::read_all(config, log, None, move |found, msg| {
         if msg.key() == Some(run.as_bytes()) {

@@ -6,8 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use cdc_relay::checkpoint::Identity;
-use cdc_relay::config::{Config, Identifier};
+use cdc_relay::config::Config;
 use cdc_relay::operator;
 use cdc_relay::pgoutput::Lsn;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -15,7 +14,7 @@ use rdkafka::Message;
 use serde::Serialize;
 
 use crate::table::{self, Table};
-use crate::{kafka, Refused, Usage};
+use crate::{kafka, Exit};
 
 #[derive(Debug, clap::Args)]
 pub struct SkipArgs {
@@ -54,21 +53,16 @@ pub struct Recorded {
 
 pub async fn skip(config: &Config, relay_url: &str, args: &SkipArgs) -> anyhow::Result<Recorded> {
     let (Some(name), Some(lsn), Some(reason)) = (&args.source, args.lsn, &args.reason) else {
-        return Err(Usage("--source, --lsn and --reason are required".into()).into());
+        return Err(Exit::usage("--source, --lsn and --reason are required").into());
     };
-    let source: Identifier = name
-        .parse()
-        .map_err(|e: String| Usage(format!("--source: {e}")))?;
-    if !config.sources.contains(&source) {
-        return Err(Usage(format!("--source {name}: not one of RELAY_SOURCES")).into());
-    }
+    let source = crate::source(config, name)?;
     if reason.trim().is_empty() {
-        return Err(Usage("--reason: say why, for whoever reads the skips later".into()).into());
+        return Err(Exit::usage("--reason: say why, for whoever reads the skips later").into());
     }
     let slot = config.slot(&source);
     let check = relay_check(relay_url, name).await?;
     if !stalled_at(check.as_deref(), &slot, lsn) {
-        return Err(Refused(format!(
+        return Err(Exit::refused(format!(
             "refused: the relay does not say that source {name} is stalled at {lsn} (its /ready says: {})",
             check.as_deref().unwrap_or("nothing of this source")
         ))
@@ -83,12 +77,7 @@ pub async fn skip(config: &Config, relay_url: &str, args: &SkipArgs) -> anyhow::
         .await
         .map_err(|e| anyhow::anyhow!(platform::db::describe(&e)))?
         .get(0);
-    let identity = Identity {
-        system_id,
-        database: source.0.clone(),
-        slot,
-        topic_prefix: config.topic_prefix.clone(),
-    };
+    let identity = config.identity(&source, system_id);
     let by = std::env::var("USER")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| "unknown".into());
@@ -140,17 +129,10 @@ pub async fn skip(config: &Config, relay_url: &str, args: &SkipArgs) -> anyhow::
 
 /// The relay's `/ready` check of the source.
 async fn relay_check(relay_url: &str, source: &str) -> anyhow::Result<Option<String>> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    let body: serde_json::Value = http
-        .get(format!("{relay_url}/ready"))
-        .send()
+    let ready = crate::status::relay_ready(relay_url)
         .await
-        .map_err(|e| anyhow::anyhow!("the relay's /ready ({relay_url}): {e}"))?
-        .json()
-        .await?;
-    Ok(body["checks"][format!("source {source}")]
+        .map_err(|e| anyhow::anyhow!("the relay's /ready ({relay_url}): {e}"))?;
+    Ok(ready["checks"][format!("source {source}")]
         .as_str()
         .map(str::to_string))
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cdc_relay::checkpoint::{self, Checkpoint, Identity};
+use cdc_relay::checkpoint::{self, Checkpoint};
 use cdc_relay::config::{Config, Delivery, Identifier};
 use cdc_relay::pgoutput::Lsn;
 use serde::Serialize;
@@ -290,7 +290,8 @@ pub async fn gather(config: &Config, relay_url: &str) -> Report {
     }
 }
 
-async fn relay_ready(base: &str) -> Result<serde_json::Value, String> {
+/// The relay's `/ready` body: its `checks` and `details`, keyed `source <name>` among others.
+pub async fn relay_ready(base: &str) -> Result<serde_json::Value, String> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -361,12 +362,7 @@ async fn read_source(config: &Config, source: &Identifier) -> SourceFacts {
         }
     }
     if config.delivery == Delivery::ExactlyOnce {
-        let identity = Identity {
-            system_id,
-            database: source.0.clone(),
-            slot: slot_name,
-            topic_prefix: config.topic_prefix.clone(),
-        };
+        let identity = config.identity(source, system_id);
         match checkpoint::read_async(
             config.kafka.client_config("kafkifyctl"),
             config.checkpoint_topic.clone(),

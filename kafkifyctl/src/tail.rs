@@ -99,17 +99,13 @@ pub async fn run(config: &Config, args: &TailArgs, json: bool) -> anyhow::Result
     };
     let (topic, from_beginning) = (args.topic.clone(), args.from_beginning);
     let (consumer, ends) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let Some(partitions) = kafka::partitions(&consumer, &topic).map_err(anyhow::Error::msg)?
-        else {
-            return Err(crate::Usage(format!("topic {topic} does not exist")).into());
+        let Some(ends) = kafka::watermarks(&consumer, &topic).map_err(anyhow::Error::msg)? else {
+            return Err(crate::Exit::usage(format!("topic {topic} does not exist")).into());
         };
         let mut tpl = TopicPartitionList::new();
-        let mut ends = BTreeMap::new();
-        for p in partitions {
-            let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
-            ends.insert(p, (low, high));
-            let start = if from_beginning { low } else { high };
-            tpl.add_partition_offset(&topic, p, Offset::Offset(start))?;
+        for (p, (low, high)) in &ends {
+            let start = if from_beginning { *low } else { *high };
+            tpl.add_partition_offset(&topic, *p, Offset::Offset(start))?;
         }
         consumer.assign(&tpl)?;
         Ok((consumer, ends))
@@ -139,12 +135,7 @@ pub async fn run(config: &Config, args: &TailArgs, json: bool) -> anyhow::Result
             // at it now and then, so --exit-at-end ends after a trailing commit marker too.
             _ = tokio::time::sleep(Duration::from_millis(500)), if args.exit_at_end => {
                 let positions = consumer.position()?;
-                pending.retain(|p, end| {
-                    positions
-                        .find_partition(&args.topic, *p)
-                        .and_then(|e| e.offset().to_raw())
-                        .is_none_or(|at| at < *end)
-                });
+                pending.retain(|p, end| !kafka::reached(&positions, &args.topic, *p, *end));
                 continue;
             }
         };

@@ -446,6 +446,20 @@ pub async fn delete_topics_with_prefix(prefix: &str) {
     delete_topics(&ours).await;
 }
 
+/// The settings of a relay (or of kafkifyctl, which reads the same) streaming `db` alone into
+/// its own topic namespace `prefix` and checkpoint topic, with 3 partitions per event topic.
+pub fn relay_env(db: &TestDb, prefix: &str, checkpoint_topic: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db.relay_dsn()),
+        ("RELAY_SOURCES", db.name.clone()),
+        ("RELAY_TOPIC_PREFIX", prefix.to_string()),
+        ("RELAY_CHECKPOINT_TOPIC", checkpoint_topic.to_string()),
+        ("RELAY_TOPIC_PARTITIONS", "3".into()),
+        ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+        ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+    ]
+}
+
 /// A consumer group id no other test uses.
 pub fn consumer_group(prefix: &str) -> String {
     unique(&format!("test-{prefix}"))
