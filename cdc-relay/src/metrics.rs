@@ -30,12 +30,25 @@ pub struct ErrorLabel {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// `deliver`, `previous` or `end_txn` (see `producer::Phases`).
+    pub phase: &'static str,
+}
+
+fn latency_buckets() -> Histogram {
+    // 0.5 ms … ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub events_published: Family<TopicLabel, Counter>,
     pub events_dead_lettered: Family<DeadLetterLabel, Counter>,
     pub commit_to_ack: Histogram,
     pub kafka_transaction: Histogram,
+    pub kafka_transaction_phase: Family<PhaseLabel, Histogram, fn() -> Histogram>,
+    pub commit_to_read: Histogram,
     pub batch_events: Histogram,
     pub slot_lag: Family<SourceLabel, Gauge>,
     pub failover_ready: Family<SourceLabel, Gauge>,
@@ -52,9 +65,10 @@ impl Metrics {
         let m = Metrics {
             events_published: Family::default(),
             events_dead_lettered: Family::default(),
-            // 0.5 ms … ~16 s
-            commit_to_ack: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
-            kafka_transaction: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            commit_to_ack: latency_buckets(),
+            kafka_transaction: latency_buckets(),
+            kafka_transaction_phase: Family::new_with_constructor(latency_buckets),
+            commit_to_read: latency_buckets(),
             // 1 … 65536 events
             batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 17)),
             slot_lag: Family::default(),
@@ -85,6 +99,16 @@ impl Metrics {
             "kafka_transaction_seconds",
             "Duration of one Kafka transaction, begin to commit",
             m.kafka_transaction.clone(),
+        );
+        registry.register(
+            "kafka_transaction_phase_seconds",
+            "Where a Kafka transaction's time went after the relay closed it: deliver (until the brokers acknowledged its records and checkpoint), previous (waiting for the previous transaction's commit), end_txn (the commit round trip)",
+            m.kafka_transaction_phase.clone(),
+        );
+        registry.register(
+            "commit_to_read_seconds",
+            "Time from a Postgres transaction's commit to the relay reading its end from the WAL stream (decoding and sending by the walsender), per transaction with events",
+            m.commit_to_read.clone(),
         );
         registry.register(
             "batch_events",

@@ -19,10 +19,10 @@ use crate::encode::{KafkaRecord, Origin};
 use crate::error::SessionError;
 use crate::health::{Health, Primary};
 use crate::machine::{Action, Input, Limits, Machine, Violation};
-use crate::metrics::{DeadLetterLabel, Metrics, SourceLabel, TopicLabel};
+use crate::metrics::{DeadLetterLabel, Metrics, PhaseLabel, SourceLabel, TopicLabel};
 use crate::outbox::{OutboxColumns, OutboxError};
 use crate::pgoutput::{self, Lsn, Message, PG_EPOCH_OFFSET_MICROS};
-use crate::producer::{Command, Progress, Sink, SinkError};
+use crate::producer::{Command, Phases, Progress, Sink, SinkError};
 use crate::record;
 use crate::registry::SchemaCache;
 
@@ -495,6 +495,7 @@ async fn session(
         position: None,
         skips,
         operator_skip: None,
+        read_rows: false,
     };
     let result = stream.run(&mut repl, sink, shutdown).await;
     *position = stream.position;
@@ -517,6 +518,8 @@ struct Stream<'a> {
     skips: HashMap<Lsn, String>,
     /// The open transaction is one of them: why.
     operator_skip: Option<String>,
+    /// The open transaction has outbox rows for Kafka (its commit is then timed).
+    read_rows: bool,
 }
 
 /// Rows are handed to Kafka in chunks of at most this many (see `machine::Limits`).
@@ -588,8 +591,9 @@ impl Stream<'_> {
                 upto,
                 meta,
                 elapsed,
+                phases,
             }) => {
-                self.observe(meta, elapsed);
+                self.observe(meta, elapsed, phases);
                 Ok(Input::Acked { upto })
             }
             Some(Progress::Failed(e)) => Err(e.into()),
@@ -683,6 +687,7 @@ impl Stream<'_> {
                         ),
                     };
                     let bytes = record::wire_size(&record);
+                    self.read_rows = true;
                     Input::Row { record, bytes }
                 }
                 _ => return Ok(None),
@@ -697,6 +702,12 @@ impl Stream<'_> {
                             .operator_skips
                             .get_or_create(&self.label)
                             .inc();
+                    }
+                }
+                if std::mem::take(&mut self.read_rows) {
+                    if let Some(commit_ts) = self.machine.open_commit_ts() {
+                        let read = (now_micros() - commit_ts).max(0) as f64 / 1e6;
+                        self.ctx.metrics.commit_to_read.observe(read);
                     }
                 }
                 self.position = Some(Lsn(end_lsn.as_u64()));
@@ -775,9 +786,21 @@ impl Stream<'_> {
     }
 
     /// Metrics of a batch Kafka acknowledged.
-    fn observe(&self, receipt: Receipt, elapsed: Duration) {
+    fn observe(&self, receipt: Receipt, elapsed: Duration, phases: Phases) {
         let metrics = &self.ctx.metrics;
         metrics.kafka_transaction.observe(elapsed.as_secs_f64());
+        for (phase, took) in [
+            ("deliver", Some(phases.deliver)),
+            ("previous", phases.previous),
+            ("end_txn", phases.end_txn),
+        ] {
+            if let Some(took) = took {
+                metrics
+                    .kafka_transaction_phase
+                    .get_or_create(&PhaseLabel { phase })
+                    .observe(took.as_secs_f64());
+            }
+        }
         metrics.batch_events.observe(receipt.events as f64);
         let now = now_micros();
         for (commit_ts, count) in receipt.commits {
