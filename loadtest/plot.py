@@ -1,5 +1,6 @@
-"""Draws loadtest/results/compare.json (written by the compare benchmark) as latency
-percentiles against offered rate, cdc-relay next to Debezium.
+"""Draws compare.json (written by the compare benchmark, loadtest/bench) as commit → visible
+latency against offered rate for the four contenders: the median of the runs, with bars from
+the lowest to the highest run.
 
     python loadtest/plot.py results/compare.json results/compare.png
 """
@@ -11,26 +12,46 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+COLOURS = {
+    "relay_eo": "tab:blue",
+    "relay_alo": "tab:cyan",
+    "dbz_alo": "tab:red",
+    "dbz_eo": "tab:orange",
+}
+
 
 def main(src, dst):
     data = json.load(open(src))
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    styles = {"relay": ("cdc-relay", "tab:blue"), "debezium": ("Debezium", "tab:red")}
-    for key, (label, colour) in styles.items():
-        pts = data[key]["points"]
+    runs = len(data["runs"])
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    for key, colour in COLOURS.items():
+        c = data["summary"][key]
+        pts = c["points"]
         rates = [p["rate"] for p in pts]
-        for q, ls in (("p50", ":"), ("p95", "--"), ("p99", "-")):
-            ax.plot(rates, [p[q] for p in pts], ls, marker="o", color=colour, label=f"{label} {q}")
-    ax.set_xlabel("offered rate (events/s, one row per transaction)")
+        for q, ls in (("p50", ":"), ("p99", "-")):
+            med = [p[q]["median"] for p in pts]
+            low = [p[q]["median"] - p[q]["min"] for p in pts]
+            high = [p[q]["max"] - p[q]["median"] for p in pts]
+            ax.errorbar(
+                rates,
+                med,
+                yerr=[low, high],
+                fmt=ls,
+                marker="o",
+                capsize=3,
+                color=colour,
+                label=f"{c['label']} {q}",
+            )
+    ax.set_xlabel("offered rate (events/s, one row per transaction, eight writers)")
     ax.set_ylabel("commit → visible to a read_committed consumer (ms)")
     ax.set_yscale("log")
-    ax.set_title(
-        f"cdc-relay {data['relay']['sustained']:.0f} ev/s sustained, {data['relay']['rss_mib']:.0f} MiB RSS; "
-        f"Debezium {data['debezium']['sustained']:.0f} ev/s, {data['debezium']['rss_mib']:.0f} MiB",
-        fontsize=9,
+    drains = ", ".join(
+        f"{data['summary'][k]['label']} {data['summary'][k]['sustained']['median']:.0f}"
+        for k in COLOURS
     )
+    ax.set_title(f"{runs} runs, median and min–max. Drain, events/s: {drains}", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(dst)
 

@@ -376,7 +376,7 @@ impl Sink {
                                     dead_letter: None,
                                 })
                                 .await?;
-                                o.confirm_all().await?;
+                                confirm_reporting(&mut o, &mut pending, progress).await?;
                                 let delivered = Instant::now();
                                 finish(&mut pending, progress).await?;
                                 let ending = Instant::now();
@@ -424,6 +424,29 @@ impl Sink {
             delivered: Vec::new(),
             started: Instant::now(),
         })
+    }
+}
+
+/// Waits for every delivery of `open` while reporting the pending batches that complete
+/// meanwhile, so a commit is acknowledged (and its position confirmed to Postgres) when it
+/// happens rather than after the next batch's deliveries.
+async fn confirm_reporting<M>(
+    open: &mut Open,
+    pending: &mut std::collections::VecDeque<Pending<M>>,
+    progress: &tokio::sync::mpsc::UnboundedSender<Progress<M>>,
+) -> Result<(), SinkError> {
+    // Pinned once: a delivery report taken from the queue is never dropped half-awaited.
+    let confirm = open.confirm_all();
+    tokio::pin!(confirm);
+    loop {
+        tokio::select! {
+            biased;
+            done = async { (&mut pending.front_mut().expect("guarded").done).await }, if !pending.is_empty() => {
+                let p = pending.pop_front().expect("guarded");
+                report(p, done, progress)?;
+            }
+            confirmed = &mut confirm => return confirmed,
+        }
     }
 }
 

@@ -330,6 +330,18 @@ impl Drained {
 /// Reads `topic` with a read_committed consumer (assigned, so no group join delays it), from
 /// its start or its current end, until `n` records arrived or `limit` passed.
 pub async fn drain(topic: &str, n: usize, limit: std::time::Duration, from_end: bool) -> Drained {
+    drain_positioned(topic, n, limit, from_end, tokio::sync::oneshot::channel().0).await
+}
+
+/// [`drain`], telling `positioned` once the consumer's start offsets are fixed: a writer that
+/// waits for it cannot write a record before the end it reads from.
+pub async fn drain_positioned(
+    topic: &str,
+    n: usize,
+    limit: std::time::Duration,
+    from_end: bool,
+    positioned: tokio::sync::oneshot::Sender<()>,
+) -> Drained {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use std::time::{Duration, Instant};
     let consumer: StreamConsumer = stack()
@@ -357,6 +369,7 @@ pub async fn drain(topic: &str, n: usize, limit: std::time::Duration, from_end: 
         tpl.add_partition_offset(topic, p.id(), offset).unwrap();
     }
     consumer.assign(&tpl).unwrap();
+    let _ = positioned.send(());
     let mut out = Drained {
         arrivals: Vec::with_capacity(n),
         latencies_ms: Vec::with_capacity(n),
