@@ -42,14 +42,17 @@ def main(src, dst):
                 color=colour,
                 label=f"{c['label']} {q}",
             )
-    ax.set_xlabel("offered rate (events/s, one row per transaction, eight writers)")
+    ax.set_xlabel("offered rate asked (events/s, one row per transaction, eight writers; compare.md gives what they wrote)")
     ax.set_ylabel("commit → visible to a read_committed consumer (ms)")
     ax.set_yscale("log")
     drains = ", ".join(
         f"{data['summary'][k]['label']} {data['summary'][k]['sustained']['median']:.0f}"
         for k in COLOURS
     )
-    ax.set_title(f"{runs} runs, median and min–max. Drain, events/s: {drains}", fontsize=8)
+    ax.set_title(
+        f"{runs} runs: median, bars from the lowest to the highest run\nbacklog drain, events/s: {drains}",
+        fontsize=8,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

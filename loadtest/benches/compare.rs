@@ -903,13 +903,12 @@ fn spread(mut xs: Vec<f64>) -> Spread {
 impl Spread {
     /// "median (min–max)" with `decimals`; the range only when there are several runs.
     fn show(&self, decimals: usize) -> String {
-        if self.min == self.max {
-            format!("{:.*}", decimals, self.median)
+        let [median, min, max] =
+            [self.median, self.min, self.max].map(|x| format!("{x:.decimals$}"));
+        if min == max {
+            median
         } else {
-            format!(
-                "{:.*} ({:.*}–{:.*})",
-                decimals, self.median, decimals, self.min, decimals, self.max
-            )
+            format!("{median} ({min}–{max})")
         }
     }
 

@@ -22,7 +22,7 @@
 
 use std::time::{Duration, Instant};
 
-use test_support::bench::{drain, outbox_insert_sql, percentile};
+use test_support::bench::{drain, drain_positioned, outbox_insert_sql, percentile};
 use test_support::service::{workspace_bin, Service};
 use test_support::{consumer_group, stack, unique, Source, TestDb};
 
@@ -274,12 +274,16 @@ async fn main() {
         let ticks = a.seconds * 100;
         let per_tick = (rate / 100).max(1);
         // The relay's part, for comparison: commit → visible to a read_committed consumer.
+        let (positioned, ready) = tokio::sync::oneshot::channel();
         let kafka = tokio::spawn({
             let (topic, n) = (topic.clone(), ticks as usize * per_tick);
-            async move { drain(&topic, n, Duration::from_secs(a.seconds + 120), true).await }
+            async move {
+                let limit = Duration::from_secs(a.seconds + 120);
+                drain_positioned(&topic, n, limit, true, positioned).await
+            }
         });
-        // Assigned at the end before the first write (its position is taken at once).
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Placed at the end before the first write.
+        ready.await.expect("the reader is positioned");
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let started = Instant::now();
