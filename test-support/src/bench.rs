@@ -223,9 +223,15 @@ pub fn report_against_pgbench(
 pub fn outbox_insert_sql(n: usize, size: usize, offset: usize) -> String {
     // The fixed part of the payload is ~230 bytes; the description pads it to `size`.
     let pad = size.saturating_sub(230).max(1);
+    // Event ids time-ordered as the services' UUIDv7 are (milliseconds first, then random
+    // bits), so the worker's primary key grows at its end as in production, not at random
+    // places.
     format!(
         "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
-         SELECT gen_random_uuid(), 'resource', 'k' || (i % 100), 'resource.created',
+         SELECT (lpad(to_hex((extract(epoch from clock_timestamp()) * 1000)::bigint), 12, '0')
+                 || '7' || substr(md5(random()::text), 1, 3)
+                 || '8' || substr(md5(random()::text), 1, 15))::uuid,
+                'resource', 'k' || (i % 100), 'resource.created',
                 jsonb_build_object('resource_id', gen_random_uuid()::text, 'name', 'bench-' || i,
                   'description', repeat('x', {pad}), 'attributes', jsonb_build_object('n', i::text),
                   'version', 1, 'created_at', (extract(epoch from clock_timestamp()) * 1000000)::bigint)
