@@ -335,9 +335,8 @@ impl Sink {
         loop {
             tokio::select! {
                 biased;
-                done = async { (&mut pending.front_mut().expect("guarded").done).await }, if !pending.is_empty() => {
-                    let p = pending.pop_front().expect("guarded");
-                    report(p, done, progress)?;
+                done = oldest_done(&mut pending) => {
+                    report(pending.pop_front().expect("it completed"), done, progress)?;
                 }
                 command = commands.recv() => match command {
                     None => break,
@@ -441,12 +440,21 @@ async fn confirm_reporting<M>(
     loop {
         tokio::select! {
             biased;
-            done = async { (&mut pending.front_mut().expect("guarded").done).await }, if !pending.is_empty() => {
-                let p = pending.pop_front().expect("guarded");
-                report(p, done, progress)?;
+            done = oldest_done(pending) => {
+                report(pending.pop_front().expect("it completed"), done, progress)?;
             }
             confirmed = &mut confirm => return confirmed,
         }
+    }
+}
+
+/// The outcome of the oldest pending batch, once it has one; never, while none is pending.
+async fn oldest_done<M>(
+    pending: &mut std::collections::VecDeque<Pending<M>>,
+) -> Result<Result<Phases, SinkError>, tokio::task::JoinError> {
+    match pending.front_mut() {
+        Some(p) => (&mut p.done).await,
+        None => std::future::pending().await,
     }
 }
 
