@@ -365,14 +365,6 @@ impl<R> Machine<R> {
             }
             // An event-less transaction behind events is acknowledged with them.
             self.filling.upto = Some(end);
-            // While the sink is idle (free, and no commit in flight: a light load), the rows go
-            // into the Kafka transaction now, so their delivery overlaps the linger instead of
-            // following it. Under load they wait in the chunk and go as one send with the
-            // commit: sending them sooner would gain nothing (the sink takes them only after
-            // the batch before is delivered) and cost a send per small transaction.
-            if self.sink_ready && self.in_flight.is_empty() && open.events > 0 {
-                self.send(self.open_from, now, out);
-            }
         }
     }
 
@@ -497,34 +489,19 @@ mod tests {
     }
 
     #[test]
-    fn whole_transactions_go_out_at_once_while_the_sink_is_idle_and_commit_after_the_linger() {
+    fn whole_transactions_go_out_with_the_commit_after_the_linger() {
         let t0 = Instant::now();
         let mut m = Machine::new(Lsn(0), LIMITS);
         assert!(feed(&mut m, t0, vec![Input::SinkReady]).is_empty());
-        assert_eq!(
-            feed(&mut m, t0, tx(10, &[1])),
-            vec![Action::Append(vec![1])]
-        );
+        assert!(feed(&mut m, t0, tx(10, &[1])).is_empty());
         assert!(feed(&mut m, t0, tx(20, &[])).is_empty());
         assert_eq!(m.deadline(), Some(t0 + LIMITS.linger));
         let out = feed(&mut m, t0 + LIMITS.linger, vec![Input::Tick]);
-        assert_eq!(out, vec![commit(20, vec![(10, 1)])]);
-        assert_eq!(m.deadline(), None, "the sink has not asked for more");
-    }
-
-    #[test]
-    fn whole_transactions_wait_for_the_commit_while_the_sink_is_busy() {
-        let t0 = Instant::now();
-        let mut m = Machine::new(Lsn(0), LIMITS);
-        feed(&mut m, t0, vec![Input::SinkReady]);
-        feed(&mut m, t0, tx(10, &[1]));
-        feed(&mut m, t0 + LIMITS.linger, vec![Input::Tick]);
-        assert!(feed(&mut m, t0 + LIMITS.linger, tx(20, &[2])).is_empty());
-        let out = feed(&mut m, t0 + 3 * LIMITS.linger, vec![Input::SinkReady]);
         assert_eq!(
             out,
-            vec![Action::Append(vec![2]), commit(20, vec![(20, 1)])]
+            vec![Action::Append(vec![1]), commit(20, vec![(10, 1)])]
         );
+        assert_eq!(m.deadline(), None, "the sink has not asked for more");
     }
 
     #[test]
@@ -623,12 +600,12 @@ mod tests {
                 Action::Acknowledge(lsn(20))
             ]
         );
-        assert_eq!(
-            feed(&mut m, t0, tx(30, &[3])),
-            vec![Action::Append(vec![3])]
-        );
+        assert_eq!(feed(&mut m, t0, tx(30, &[3])), vec![]);
         let out = feed(&mut m, t0 + LIMITS.linger, vec![Input::Tick]);
-        assert_eq!(out, vec![commit(30, vec![(30, 1)])]);
+        assert_eq!(
+            out,
+            vec![Action::Append(vec![3]), commit(30, vec![(30, 1)])]
+        );
     }
 
     #[test]
@@ -692,7 +669,10 @@ mod tests {
         // A source that publishes is not refreshed: its commits are its checkpoints.
         feed(&mut m, t0 + 2 * every - LIMITS.linger, tx(40, &[1]));
         let out = feed(&mut m, t0 + 2 * every, vec![Input::Tick]);
-        assert_eq!(out, vec![commit(40, vec![(40, 1)])]);
+        assert_eq!(
+            out,
+            vec![Action::Append(vec![1]), commit(40, vec![(40, 1)])]
+        );
         let out = feed(&mut m, t0 + 2 * every, vec![Input::Acked { upto: lsn(40) }]);
         assert_eq!(out, vec![Action::Acknowledge(lsn(40))]);
         feed(&mut m, t0 + 2 * every, vec![Input::SinkReady]);
@@ -737,15 +717,12 @@ mod tests {
         };
         let mut m = Machine::new(Lsn(0), limits);
         feed(&mut m, t0, vec![Input::SinkReady]);
-        assert_eq!(
-            feed(&mut m, t0, tx(10, &[1])),
-            vec![Action::Append(vec![1])]
-        );
+        feed(&mut m, t0, tx(10, &[1]));
         feed(&mut m, t0, vec![begin(20), row(2)]);
         let out = feed(&mut m, t0, vec![Input::Drain]);
         assert_eq!(
             out,
-            vec![commit(10, vec![(10, 1)])],
+            vec![Action::Append(vec![1]), commit(10, vec![(10, 1)])],
             "row 2, of the unfinished transaction, is left for the next session"
         );
         assert!(!m.drained());
