@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use test_support::bench::{
-    arg, drain, drain_positioned, outbox_insert_sql, percentile, rss_peak_mib, wait_topic,
+    arg, drain, drain_positioned, outbox_insert_sql, percentile, proc_kib, rss_peak_mib, wait_topic,
 };
 use test_support::service::{workspace_bin, Service};
 use test_support::{stack, unique, Source, TestDb};
@@ -927,17 +927,8 @@ fn machine() -> String {
                 .map(|m| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0 / 1024.0);
+    let mem_gib =
+        proc_kib("/proc/meminfo", "MemTotal").map_or(f64::NAN, |kib| kib / 1024.0 / 1024.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "{} cores ({cpu}), {mem_gib:.0} GiB, Linux {}; PostgreSQL 15, Kafka 4.1.1 (one node), the schema registry, the contender and the writers all on this machine",

@@ -241,19 +241,21 @@ pub fn outbox_insert_sql(n: usize, size: usize, offset: usize) -> String {
     )
 }
 
+/// A `Key: <n> kB` line of a /proc file (`/proc/meminfo`, `/proc/PID/status`), in KiB.
+pub fn proc_kib(file: &str, key: &str) -> Option<f64> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Peak resident memory (VmHWM) of a process, in MiB.
 pub fn rss_peak_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+    proc_kib(&format!("/proc/{pid}/status"), "VmHWM").map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
 /// Whether `topic` exists with partitions.
