@@ -112,7 +112,11 @@ impl Metrics {
 
 pub struct Worker {
     pub pool: Pool,
+    /// What every Kafka client of the worker shares (the consumer, the dead-letter producer).
     pub kafka: rdkafka::ClientConfig,
+    /// The consumer's `session.timeout.ms`: set on the consumer only, since librdkafka warns
+    /// about a consumer property on a producer.
+    pub session_timeout: Duration,
     pub group: String,
     pub topic_prefix: String,
     pub registry_url: String,
@@ -155,6 +159,10 @@ impl Worker {
             self.kafka
                 .clone()
                 .set("group.id", &self.group)
+                .set(
+                    "session.timeout.ms",
+                    self.session_timeout.as_millis().to_string(),
+                )
                 .set("isolation.level", "read_committed")
                 .set("auto.offset.reset", "earliest")
                 // Offsets are stored by the lanes after the database commit; only those are
