@@ -18,10 +18,22 @@ pub fn read_limit(transaction_timeout: Duration) -> Duration {
     transaction_timeout + Duration::from_secs(30)
 }
 
-/// A transaction whose commit LSN is at or below the checkpoint is in Kafka already: a
-/// restarted session drops it when Postgres sends it again.
+/// A transaction whose commit record ends at or below the checkpoint (the end of the last
+/// published commit record) is in Kafka already: a restarted session drops it when Postgres
+/// sends it again.
 pub fn already_published(commit_end: Lsn, checkpoint: Lsn) -> bool {
     commit_end <= checkpoint
+}
+
+/// The same, known at the transaction's Begin, which carries where its commit record starts:
+/// published if that is before the checkpoint. Not at it: a record ends where the next one
+/// starts, so a commit record logged right after the last published one starts exactly at the
+/// checkpoint (65 of 14,588 transactions of eight concurrent writers did), and that
+/// transaction is not in Kafka. Postgres re-sends by the same rule. Comparing with `<=` here
+/// dropped such a transaction whenever its Begin came after the checkpoint had moved: after a
+/// restart, or behind a commit Kafka acknowledged while a 20 MiB row was still being decoded.
+pub fn published_before_begin(commit_start: Lsn, checkpoint: Lsn) -> bool {
+    commit_start < checkpoint
 }
 
 /// Whose checkpoint a record is: the Postgres cluster (its system identifier, which a physical
