@@ -18,7 +18,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use test_support::bench::{drain, outbox_insert_sql, percentile, rss_peak_mib, wait_topic};
+use test_support::bench::{
+    drain, drain_positioned, outbox_insert_sql, percentile, rss_peak_mib, wait_topic,
+};
 use test_support::service::Service;
 use test_support::{stack, unique, Source, TestDb};
 
@@ -133,16 +135,23 @@ async fn main() {
     let ticks = a.seconds * 100;
     let per_tick = (a.rate / 100).max(1);
     let n = ticks as usize * per_tick;
+    let (positioned, ready) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn({
         let topic = topic.clone();
         async move {
-            drain(&topic, n, Duration::from_secs(a.seconds + 120), true)
-                .await
-                .latencies_ms
+            drain_positioned(
+                &topic,
+                n,
+                Duration::from_secs(a.seconds + 120),
+                true,
+                positioned,
+            )
+            .await
+            .latencies_ms
         }
     });
-    // Let the reader take its position at the end first.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The reader is placed at the end before the first write, not after a guessed sleep.
+    ready.await.expect("the reader is positioned");
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
@@ -165,15 +174,16 @@ async fn main() {
     let mut behind = Vec::new();
     let mut inserts = Vec::new();
     for round in 0..5 {
+        let (positioned, ready) = tokio::sync::oneshot::channel();
         let reader = tokio::spawn({
             let topic = topic.clone();
             async move {
-                drain(&topic, 1, Duration::from_secs(120), true)
+                drain_positioned(&topic, 1, Duration::from_secs(120), true, positioned)
                     .await
                     .latencies_ms
             }
         });
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        ready.await.expect("the reader is positioned");
         let base = a.events + n + 2 * round;
         let t = Instant::now();
         owner
