@@ -1,15 +1,22 @@
-//! `cargo bench -p api-grpc --bench process [-- --clients N --seconds S --rounds R]`
+//! `cargo bench -p api-grpc --bench process [-- --clients N --seconds S --rounds R
+//! --completions C]`
 //!
 //! ProcessTask throughput and latency of the real api-grpc (release build) against the local
 //! stack, next to pgbench running the same transaction (BEGIN; insert the task; insert its
 //! outbox event; COMMIT) on the same database with the same number of clients; then api-grpc
-//! at half its peak rate, open loop, for p95. Prints numbers; asserts nothing.
+//! at half its peak rate, open loop, for p95. Then its `task.completed` consumer: C completions
+//! (default 20,000) of the tasks it created are put on the topic while it is stopped, and it
+//! is started and timed recording them (first to last `updated_at` of the completed tasks).
+//! Prints numbers; asserts nothing.
 
 use std::time::{Duration, Instant};
 
 use api_grpc::pb::task_service_client::TaskServiceClient;
 use api_grpc::pb::ProcessTaskRequest;
-use test_support::bench::{alternate_with_pgbench, arg, median_round, report_against_pgbench, Run};
+use test_support::bench::{
+    alternate_with_pgbench, arg, histogram_mean, median_round, metric_sum, report_against_pgbench,
+    Run,
+};
 use test_support::service::Service;
 use test_support::{stack, Source, TestDb};
 use tonic::transport::Channel;
@@ -112,6 +119,79 @@ INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload
 END;
 "#;
 
+/// Puts on `topic` a completion for each of `n` pending tasks, as the relay would (Confluent
+/// Avro, key = task id).
+async fn completions_drain(db: &TestDb, topic: &str, n: i64) -> i64 {
+    use apache_avro::types::Value;
+    use schema_registry_converter::async_impl::avro::AvroEncoder;
+    use schema_registry_converter::async_impl::schema_registry::SrSettings;
+    use schema_registry_converter::schema_registry_common::{
+        SchemaType, SubjectNameStrategy, SuppliedSchema,
+    };
+    let ids: Vec<uuid::Uuid> = db
+        .owner()
+        .await
+        .query(
+            "SELECT id FROM tasks WHERE status = 'PENDING' LIMIT $1",
+            &[&n],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let schema = schemas::schema_text("task.completed").unwrap().to_string();
+    let encoder = AvroEncoder::new(SrSettings::new(stack().schema_registry_url.clone()));
+    let producer: rdkafka::producer::FutureProducer = stack().kafka_config().create().unwrap();
+    let mut sent = Vec::new();
+    for id in &ids {
+        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+            topic.to_string(),
+            false,
+            SuppliedSchema::new(None, SchemaType::Avro, schema.clone()),
+        );
+        let fields = vec![
+            ("task_id", Value::Uuid(*id)),
+            ("status", Value::Enum(0, "COMPLETED".into())),
+            (
+                "result",
+                Value::Union(1, Box::new(Value::String(r#"{"sum": 1}"#.into()))),
+            ),
+            ("error", Value::Union(0, Box::new(Value::Null))),
+            (
+                "completed_at",
+                Value::TimestampMicros(1_700_000_000_000_000),
+            ),
+        ];
+        let bytes = encoder.encode(fields, strategy).await.unwrap();
+        let key = id.to_string();
+        sent.push(
+            producer
+                .send_result(
+                    rdkafka::producer::FutureRecord::to(topic)
+                        .key(&key)
+                        .payload(&bytes),
+                )
+                .unwrap(),
+        );
+    }
+    for s in sent {
+        s.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    ids.len() as i64
+}
+
+/// The completions this api-grpc process applied, from its own counter (polling it costs the
+/// database nothing).
+async fn applied(api: &Service) -> i64 {
+    let (_, text) = api.get("/metrics").await;
+    metric_sum(
+        &text,
+        "kafkify_api_grpc_completions_total",
+        &["outcome=\"applied\""],
+    ) as i64
+}
+
 #[tokio::main]
 async fn main() {
     let workers = arg("--clients", 32) as usize;
@@ -133,17 +213,15 @@ async fn main() {
         )
         .await
         .unwrap();
-    let mut api = Service::spawn(
-        BIN,
-        &[
-            ("DATABASE_URL", db.owner_dsn()),
-            ("GRPC_ADDR", "127.0.0.1:0".into()),
-            ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
-            ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
-            ("TOPIC_PREFIX", prefix.clone()),
-            ("LOG_LEVEL", "warn".into()),
-        ],
-    );
+    let env = [
+        ("DATABASE_URL", db.owner_dsn()),
+        ("GRPC_ADDR", "127.0.0.1:0".into()),
+        ("KAFKA_BROKERS", stack().kafka_brokers.clone()),
+        ("SCHEMA_REGISTRY_URL", stack().schema_registry_url.clone()),
+        ("TOPIC_PREFIX", prefix.clone()),
+        ("LOG_LEVEL", "warn".into()),
+    ];
+    let mut api = Service::spawn(BIN, &env);
     api.wait_for("/ready", 200, Duration::from_secs(30)).await;
     let port: u16 = api
         .addr("grpc_addr")
@@ -165,6 +243,38 @@ async fn main() {
         seconds,
         &rounds,
         &half,
+    );
+    api.terminate(Duration::from_secs(30)).await;
+
+    let n = completions_drain(&db, &topic, arg("--completions", 20_000) as i64).await;
+    let mut api = Service::spawn(BIN, &env);
+    api.wait_for("/ready", 200, Duration::from_secs(30)).await;
+    let limit = Instant::now() + Duration::from_secs(600);
+    while applied(&api).await < n {
+        assert!(
+            Instant::now() < limit,
+            "api-grpc did not record {n} completions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secs: f64 = db
+        .owner()
+        .await
+        .query_one(
+            "SELECT extract(epoch FROM max(updated_at) - min(updated_at))::float8
+             FROM tasks WHERE status <> 'PENDING'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let per_tx = histogram_mean(
+        &api.get("/metrics").await.1,
+        "kafkify_api_grpc_completion_batch_records",
+    );
+    println!(
+        "api-grpc task.completed consumer: {n} completions recorded at {:.0} per second (first to last update), {per_tx:.1} per database transaction",
+        (n - 1) as f64 / secs,
     );
     drop(api);
     test_support::delete_topics_with_prefix(&prefix).await;

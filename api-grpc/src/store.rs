@@ -226,50 +226,141 @@ pub async fn list(
     Ok(rows.iter().map(task).collect())
 }
 
-/// Records a `task.completed` event. Idempotent: only a PENDING task changes, so a duplicated
-/// or late event is a no-op. Returns whether the task changed; replicas are told through
+/// What a `task.completed` event did to its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// The task was PENDING and is final now.
+    Applied,
+    /// The task was final already (a redelivery, or a second event for it).
+    Duplicate,
+    /// No task has this id here.
+    UnknownTask,
+}
+
+impl Completion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Completion::Applied => "applied",
+            Completion::Duplicate => "duplicate",
+            Completion::UnknownTask => "unknown_task",
+        }
+    }
+}
+
+/// Per event, in order: whether it is the first of its task in the batch. Only the first may
+/// change the task: as one at a time, a later event for the same task finds it final. (An
+/// UPDATE joined to two rows for one task would apply either of them, unpredictably.)
+fn first_per_task(events: &[TaskCompleted]) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::new();
+    events.iter().map(|e| seen.insert(e.task_id)).collect()
+}
+
+/// Records a batch of `task.completed` events (one partition's, or several's, each in its
+/// order) in one transaction. Idempotent: only a PENDING task changes, so a duplicated or late
+/// event is a no-op. Returns what each event did; replicas are told of every change through
 /// NOTIFY, in the same transaction.
-pub async fn complete(pool: &Pool, event: &TaskCompleted) -> Result<bool, StoreError> {
+pub async fn complete(
+    pool: &Pool,
+    events: &[TaskCompleted],
+) -> Result<Vec<Completion>, StoreError> {
+    let first = first_per_task(events);
+    let mut ids = Vec::new();
+    let mut statuses = Vec::new();
+    let mut results: Vec<Option<serde_json::Value>> = Vec::new();
+    let mut errors = Vec::new();
+    let mut completed = Vec::new();
+    for (event, _) in events.iter().zip(&first).filter(|(_, f)| **f) {
+        ids.push(event.task_id);
+        statuses.push(match event.status {
+            TaskOutcome::Completed => Status::Completed.as_str(),
+            TaskOutcome::Failed => Status::Failed.as_str(),
+        });
+        // The worker sends JSON text; anything else is kept as a JSON string rather than lost.
+        results.push(event.result.as_ref().map(|r| {
+            serde_json::from_str(r).unwrap_or_else(|_| serde_json::Value::String(r.clone()))
+        }));
+        errors.push(event.error.as_deref());
+        completed.push(
+            DateTime::<Utc>::from_timestamp_micros(event.completed_at).unwrap_or_else(Utc::now),
+        );
+    }
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let status = match event.status {
-        TaskOutcome::Completed => Status::Completed,
-        TaskOutcome::Failed => Status::Failed,
-    };
-    // The worker sends JSON text; anything else is kept as a JSON string rather than lost.
-    let result: Option<serde_json::Value> = event
-        .result
-        .as_ref()
-        .map(|r| serde_json::from_str(r).unwrap_or_else(|_| serde_json::Value::String(r.clone())));
-    let completed_at =
-        DateTime::<Utc>::from_timestamp_micros(event.completed_at).unwrap_or_else(Utc::now);
-    let stmt = tx
+    let update = tx
         .prepare_cached(
-            "UPDATE tasks SET status = $2, result = $3, error = $4, completed_at = $5,
-                    updated_at = greatest(clock_timestamp(), updated_at + interval '1 microsecond')
-             WHERE id = $1 AND status = 'PENDING'",
+            "UPDATE tasks t SET status = c.status, result = c.result, error = c.error,
+                    completed_at = c.completed_at,
+                    updated_at = greatest(clock_timestamp(), t.updated_at + interval '1 microsecond')
+             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[])
+                  AS c(id, status, result, error, completed_at)
+             WHERE t.id = c.id AND t.status = 'PENDING'
+             RETURNING t.id",
         )
         .await?;
-    let changed = tx
-        .execute(
-            &stmt,
-            &[
-                &event.task_id,
-                &status.as_str(),
-                &result,
-                &event.error,
-                &completed_at,
-            ],
-        )
+    let applied: std::collections::HashSet<Uuid> = tx
+        .query(&update, &[&ids, &statuses, &results, &errors, &completed])
         .await?
-        == 1;
-    if changed {
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !applied.is_empty() {
+        let changed: Vec<String> = applied.iter().map(Uuid::to_string).collect();
         tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&NOTIFY_CHANNEL, &event.task_id.to_string()],
+            "SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id",
+            &[&NOTIFY_CHANNEL, &changed],
         )
         .await?;
     }
+    // What the others found: a final task, or none.
+    let others: Vec<Uuid> = events
+        .iter()
+        .zip(&first)
+        .filter(|(e, f)| !(**f && applied.contains(&e.task_id)))
+        .map(|(e, _)| e.task_id)
+        .collect();
+    let known: std::collections::HashSet<Uuid> = if others.is_empty() {
+        Default::default()
+    } else {
+        tx.query("SELECT id FROM tasks WHERE id = ANY($1)", &[&others])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
     tx.commit().await?;
-    Ok(changed)
+    Ok(events
+        .iter()
+        .zip(&first)
+        .map(|(e, f)| {
+            if *f && applied.contains(&e.task_id) {
+                Completion::Applied
+            } else if known.contains(&e.task_id) {
+                Completion::Duplicate
+            } else {
+                Completion::UnknownTask
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(task_id: Uuid) -> TaskCompleted {
+        TaskCompleted {
+            task_id,
+            status: TaskOutcome::Completed,
+            result: None,
+            error: None,
+            completed_at: 0,
+        }
+    }
+
+    #[test]
+    fn only_the_first_event_of_a_task_in_a_batch_may_change_it() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let events = [event(a), event(b), event(a), event(a), event(b)];
+        assert_eq!(first_per_task(&events), [true, true, false, false, false]);
+    }
 }

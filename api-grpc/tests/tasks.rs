@@ -120,41 +120,49 @@ impl Fixture {
         result: Option<&str>,
         error: Option<&str>,
     ) {
+        self.complete_many(&[(task_id, status, result, error)])
+            .await;
+    }
+
+    /// [`Self::complete`] for several, in order, through one producer.
+    async fn complete_many(&self, events: &[(&str, &str, Option<&str>, Option<&str>)]) {
         let schema = schemas::schema_text("task.completed").unwrap().to_string();
-        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
-            self.topic.clone(),
-            false,
-            SuppliedSchema::new(None, SchemaType::Avro, schema),
-        );
         let encoder = AvroEncoder::new(SrSettings::new(stack().schema_registry_url.clone()));
+        let producer: FutureProducer = stack().kafka_config().create().unwrap();
         let opt = |v: Option<&str>| match v {
             Some(s) => Value::Union(1, Box::new(Value::String(s.into()))),
             None => Value::Union(0, Box::new(Value::Null)),
         };
-        let symbol = if status == "COMPLETED" { 0 } else { 1 };
-        let fields = vec![
-            (
-                "task_id",
-                Value::Uuid(uuid::Uuid::parse_str(task_id).unwrap()),
-            ),
-            ("status", Value::Enum(symbol, status.into())),
-            ("result", opt(result)),
-            ("error", opt(error)),
-            (
-                "completed_at",
-                Value::TimestampMicros(1_700_000_000_000_000),
-            ),
-        ];
-        let bytes = encoder.encode(fields, strategy).await.unwrap();
-        let producer: FutureProducer = stack().kafka_config().create().unwrap();
-        producer
-            .send(
-                FutureRecord::to(&self.topic).key(task_id).payload(&bytes),
-                Duration::from_secs(5),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        for (task_id, status, result, error) in events {
+            let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+                self.topic.clone(),
+                false,
+                SuppliedSchema::new(None, SchemaType::Avro, schema.clone()),
+            );
+            let symbol = if *status == "COMPLETED" { 0 } else { 1 };
+            let fields = vec![
+                (
+                    "task_id",
+                    Value::Uuid(uuid::Uuid::parse_str(task_id).unwrap()),
+                ),
+                ("status", Value::Enum(symbol, status.to_string())),
+                ("result", opt(*result)),
+                ("error", opt(*error)),
+                (
+                    "completed_at",
+                    Value::TimestampMicros(1_700_000_000_000_000),
+                ),
+            ];
+            let bytes = encoder.encode(fields, strategy).await.unwrap();
+            producer
+                .send(
+                    FutureRecord::to(&self.topic).key(*task_id).payload(&bytes),
+                    Duration::from_secs(5),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
     }
 
     /// WatchTask on `id`, which must exist.
@@ -429,6 +437,80 @@ async fn completions_from_kafka_reach_the_task_and_its_watchers() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    f.stop().await;
+}
+
+/// A backlog of completions (written while api-grpc was frozen) is recorded in batches, each
+/// one transaction; of two events for one task in a batch the first decides, as one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_completions_is_recorded_in_batches_and_a_tasks_first_event_decides() {
+    let mut f = Fixture::start().await;
+    let mut ids = Vec::new();
+    for n in 0..120 {
+        let task = f
+            .process("checksum", &format!(r#"{{"n": {n}}}"#), "")
+            .await
+            .unwrap();
+        ids.push(task.id);
+    }
+    let contested = f.process("checksum", r#"{"n": -1}"#, "").await.unwrap();
+    let pid = f.service.pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    // Frozen, it fetches nothing: on waking, the backlog is there at once.
+    signal("-STOP");
+    let mut events: Vec<(&str, &str, Option<&str>, Option<&str>)> = ids
+        .iter()
+        .map(|id| (id.as_str(), "COMPLETED", Some(r#"{"sum": 1}"#), None))
+        .collect();
+    events.push((
+        contested.id.as_str(),
+        "COMPLETED",
+        Some(r#"{"sum": 2}"#),
+        None,
+    ));
+    events.push((contested.id.as_str(), "FAILED", None, Some("late")));
+    f.complete_many(&events).await;
+    signal("-CONT");
+
+    let done = f.wait_status(&contested.id, TaskStatus::Completed).await;
+    assert_eq!(done.result.as_deref(), Some(r#"{"sum": 2}"#));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let (_, m) = f.service.get("/metrics").await;
+        let count = |outcome: &str| {
+            test_support::bench::metric_sum(
+                &m,
+                "kafkify_api_grpc_completions_total",
+                &[&format!("outcome=\"{outcome}\"")],
+            )
+        };
+        if count("applied") == 121.0 && count("duplicate") == 1.0 {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let completed: i64 =
+        f.db.owner()
+            .await
+            .query_one("SELECT count(*) FROM tasks WHERE status = 'COMPLETED'", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(completed, 121);
+    let per_tx =
+        test_support::bench::histogram_mean(&metrics, "kafkify_api_grpc_completion_batch_records");
+    assert!(
+        per_tx > 2.0,
+        "122 completions in batches, not one transaction each: {per_tx} per transaction"
+    );
     f.stop().await;
 }
 

@@ -253,6 +253,29 @@ pub fn proc_kib(file: &str, key: &str) -> Option<f64> {
         .ok()
 }
 
+/// The sum of a metric's samples in a Prometheus text exposition: every series of `name` that
+/// carries each of `labels` (`outcome="applied"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The mean of a histogram (`_sum` ÷ `_count`) in a Prometheus text exposition; NaN if it is
+/// not there.
+pub fn histogram_mean(text: &str, histogram: &str) -> f64 {
+    let count = metric_sum(text, &format!("{histogram}_count"), &[]);
+    if count == 0.0 {
+        return f64::NAN;
+    }
+    metric_sum(text, &format!("{histogram}_sum"), &[]) / count
+}
+
 /// Peak resident memory (VmHWM) of a process, in MiB.
 pub fn rss_peak_mib(pid: u32) -> f64 {
     proc_kib(&format!("/proc/{pid}/status"), "VmHWM").map_or(f64::NAN, |kib| kib / 1024.0)
@@ -407,6 +430,18 @@ pub async fn drain_positioned(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_are_read_from_the_text_exposition() {
+        let text = "# HELP x_total X\nx_total{outcome=\"recorded\",topic=\"a\"} 3\n\
+                    x_total{outcome=\"recorded\",topic=\"b\"} 4\nx_total{outcome=\"duplicate\"} 9\n\
+                    h_sum 12.5\nh_count 5\nh_bucket{le=\"1\"} 2\n";
+        assert_eq!(metric_sum(text, "x_total", &["outcome=\"recorded\""]), 7.0);
+        assert_eq!(metric_sum(text, "x_total", &[]), 16.0);
+        assert_eq!(metric_sum(text, "x", &[]), 0.0);
+        assert_eq!(histogram_mean(text, "h"), 2.5);
+        assert!(histogram_mean(text, "missing").is_nan());
+    }
 
     #[test]
     fn the_ceiling_is_the_transaction_pipelined() {

@@ -22,7 +22,9 @@
 
 use std::time::{Duration, Instant};
 
-use test_support::bench::{drain, drain_positioned, outbox_insert_sql, percentile};
+use test_support::bench::{
+    drain, drain_positioned, histogram_mean, metric_sum, outbox_insert_sql, percentile,
+};
 use test_support::service::{workspace_bin, Service};
 use test_support::{consumer_group, stack, unique, Source, TestDb};
 
@@ -152,25 +154,11 @@ impl Stack {
 async fn recorded(worker: &Service) -> i64 {
     let (status, text) = worker.get("/metrics").await;
     assert_eq!(status, 200, "the worker's /metrics answers");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("kafkify_worker_events_processed_total{")
-                && l.contains("outcome=\"recorded\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as i64
-}
-
-/// The mean of one of the worker's histograms (`_sum` ÷ `_count`).
-async fn mean(worker: &Service, histogram: &str) -> f64 {
-    let (_, text) = worker.get("/metrics").await;
-    let value = |suffix: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{histogram}{suffix} ")))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    value("_sum") / value("_count")
+    metric_sum(
+        &text,
+        "kafkify_worker_events_processed_total",
+        &["outcome=\"recorded\""],
+    ) as i64
 }
 
 /// Waits until `worker` has recorded `want` events (or `limit` passed); returns how many.
@@ -250,7 +238,10 @@ async fn main() {
         let since = s.count_recorded().await;
         let worker = s.worker().await;
         wait_recorded(&worker, a.events as i64, Duration::from_secs(900)).await;
-        let per_tx = mean(&worker, "kafkify_worker_batch_records").await;
+        let per_tx = histogram_mean(
+            &worker.get("/metrics").await.1,
+            "kafkify_worker_batch_records",
+        );
         // SIGTERM, not SIGKILL: a killed worker stays in the group until its session times
         // out, and the rebalance that follows stalled the next worker's partitions for about
         // 500 ms in the middle of the first offered rate (its p99 at 1,000/s: 190–300 ms).
