@@ -31,7 +31,7 @@ pub fn already_published(commit_end: Lsn, checkpoint: Lsn) -> bool {
 /// checkpoint (65 of 14,588 transactions of eight concurrent writers did), and that
 /// transaction is not in Kafka. Postgres re-sends by the same rule. Comparing with `<=` here
 /// dropped such a transaction whenever its Begin came after the checkpoint had moved: after a
-/// restart, or behind a commit Kafka acknowledged while a 20 MiB row was still being decoded.
+/// restart, or in a session when Kafka acknowledged the previous commit before the Begin came.
 pub fn published_before_begin(commit_start: Lsn, checkpoint: Lsn) -> bool {
     commit_start < checkpoint
 }
