@@ -1,5 +1,5 @@
 //! Chaos under load. A steady write load runs through both APIs while, in turn, the relay, the
-//! worker, api-grpc, the Kafka broker and Postgres are SIGKILLed and restarted, and the schema
+//! worker (once anywhere, once inside a batch's transaction), api-grpc, the Kafka broker and Postgres are SIGKILLed and restarted, and the schema
 //! registry is paused (with a worker restart inside the pause, so schemas must be fetched from
 //! it), and outbox rows too large for Kafka (2 MiB and 20 MiB) are written between the load's.
 //! Afterwards the test proves, from what is in the databases and on Kafka:
@@ -44,6 +44,7 @@ async fn every_fault_under_load_loses_and_duplicates_nothing() {
     let faults = [
         "cdc-relay SIGKILL",
         "worker SIGKILL",
+        "worker SIGKILL mid-batch",
         "api-grpc SIGKILL",
         "Kafka SIGKILL",
         "Postgres SIGKILL",
@@ -63,6 +64,7 @@ async fn every_fault_under_load_loses_and_duplicates_nothing() {
                 tokio::time::sleep(DOWN).await;
                 p.start_worker().await;
             }
+            "worker SIGKILL mid-batch" => kill_the_worker_mid_batch(&mut p).await,
             "api-grpc SIGKILL" => p.restart_grpc_after(DOWN).await,
             "Kafka SIGKILL" => {
                 signal("-KILL", stack_pid("kafka"));
@@ -129,6 +131,65 @@ async fn every_fault_under_load_loses_and_duplicates_nothing() {
 
     pipeline::faults::prove_exactly_once(&p, &phases, &counters, &oversized).await;
     p.stop().await;
+}
+
+/// A SIGKILL that lands, for certain, inside a batch's transaction, after some of its writes.
+/// The worker is stopped while the load builds a backlog, so its first batches hold many
+/// records. The worker's outbox is locked (SHARE blocks INSERT), so a batch of `task.process`
+/// records inserts its `processed_events` rows and then waits to write its `task.completed`
+/// rows. Once a worker backend is seen waiting there, with a transaction id (it has written),
+/// the worker is killed; then the lock is released and the backend, its client gone, rolls the
+/// batch back. The new worker must record each of those events once and complete each task once:
+/// `prove_exactly_once` checks both.
+async fn kill_the_worker_mid_batch(p: &mut Pipeline) {
+    p.kill_worker();
+    tokio::time::sleep(DOWN).await;
+    let lock = p.worker_db.owner().await;
+    lock.batch_execute("BEGIN; LOCK TABLE outbox_events IN SHARE MODE")
+        .await
+        .unwrap();
+    p.spawn_worker();
+    let watch = p.worker_db.owner().await;
+    let limit = Instant::now() + Duration::from_secs(60);
+    let blocked = loop {
+        let row = watch
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND wait_event_type = 'Lock' AND backend_xid IS NOT NULL
+                   AND query LIKE 'INSERT INTO outbox_events%'
+                 LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get::<_, i32>(0);
+        }
+        assert!(
+            Instant::now() < limit,
+            "no worker batch reached the locked outbox within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    p.kill_worker();
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    // The blocked backend finishes its INSERT, finds its client gone and aborts: nothing of the
+    // batch may be committed. Wait until it has gone, so the new worker cannot race it.
+    while watch
+        .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&blocked])
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(
+            Instant::now() < limit,
+            "backend {blocked} outlived its killed worker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("chaos: worker SIGKILLed while backend {blocked} held an uncommitted batch");
+    p.start_worker().await;
 }
 
 /// An invalidated slot: with `max_slot_wal_keep_size` at 1 MB (on a private cluster), a slot
