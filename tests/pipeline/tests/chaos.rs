@@ -1,7 +1,8 @@
 //! Chaos under load. A steady write load runs through both APIs while, in turn, the relay, the
-//! worker (once anywhere, once inside a batch's transaction), api-grpc, the Kafka broker and Postgres are SIGKILLed and restarted, and the schema
-//! registry is paused (with a worker restart inside the pause, so schemas must be fetched from
-//! it), and outbox rows too large for Kafka (2 MiB and 20 MiB) are written between the load's.
+//! worker (once anywhere, once inside a batch's transaction), api-grpc, the Kafka broker and
+//! Postgres are SIGKILLed and restarted, and the schema registry is paused (with a worker
+//! restart inside the pause, so schemas must be fetched from it), and outbox rows too large for
+//! Kafka (2 MiB and 20 MiB) are written between the load's.
 //! Afterwards the test proves, from what is in the databases and on Kafka:
 //! - every committed outbox event is on Kafka exactly once (read_committed, by `event_id`),
 //!   the oversized ones on the dead-letter topic with reason `too_large`;
